@@ -1,0 +1,60 @@
+import { execFile, spawn, type SpawnOptions, type ChildProcess } from 'node:child_process';
+import { SnapshiftError } from './errors.ts';
+
+export interface ExecResult {
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * Runs a program to completion and returns its output. A non-zero exit becomes a SnapshiftError whose
+ * message names the command and carries the program's own last stderr line, which is what a user needs.
+ */
+export async function exec(
+  program: string,
+  args: readonly string[],
+  options: { timeoutMs?: number; input?: string | Buffer; code?: string; cwd?: string } = {},
+): Promise<ExecResult> {
+  return new Promise((resolve, reject) => {
+    const child = execFile(
+      program,
+      args,
+      { timeout: options.timeoutMs ?? 120_000, maxBuffer: 64 * 1024 * 1024, encoding: 'utf8', cwd: options.cwd },
+      (error, stdout, stderr) => {
+        if (!error) return resolve({ stdout, stderr });
+        const detail = lastLine(stderr) || lastLine(stdout) || error.message;
+        const missing = (error as NodeJS.ErrnoException).code === 'ENOENT';
+        reject(
+          new SnapshiftError(
+            missing ? 'PROGRAM_MISSING' : (options.code ?? 'COMMAND_FAILED'),
+            missing
+              ? `${program} is not installed (run "npm run demo" or "bash scripts/setup.sh" to install what is missing)`
+              : `${program} ${args.join(' ')} failed: ${detail}`,
+            { cause: error },
+          ),
+        );
+      },
+    );
+    if (options.input !== undefined) child.stdin?.end(options.input);
+  });
+}
+
+/** True when `program` exits 0; for probes such as "is this a mount point". */
+export async function succeeds(program: string, args: readonly string[]): Promise<boolean> {
+  try {
+    await exec(program, args, { timeoutMs: 30_000 });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Starts a long-running program; the caller owns the returned child and must end it by PID. */
+export function start(program: string, args: readonly string[], options: SpawnOptions = {}): ChildProcess {
+  return spawn(program, args, { stdio: ['ignore', 'pipe', 'pipe'], ...options });
+}
+
+function lastLine(text: string): string {
+  const lines = text.trim().split('\n').filter((line) => line.trim() !== '');
+  return lines.at(-1)?.trim() ?? '';
+}
