@@ -1,6 +1,9 @@
 import type { Command } from 'commander';
+import { registerBackupCommands } from './backup-commands.ts';
+import { registerHostCommands } from './host-commands.ts';
 
 /** Every command family registers itself here; one line per family keeps merges trivial. */
 export function registerCommands(program: Command): void {
-  void program;
+  registerHostCommands(program);
+  registerBackupCommands(program);
 }

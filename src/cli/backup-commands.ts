@@ -1,0 +1,167 @@
+import { join, resolve } from 'node:path';
+import type { Command } from 'commander';
+import type { Catalog } from '../catalog/index.ts';
+import { SnapshiftError } from '../core/errors.ts';
+import { backupVmRegular } from '../processing/regular-mode.ts';
+import type { TaskStats } from '../processing/task-stats.ts';
+import { huntVmSnapshots } from '../processing/snapshot-hunter.ts';
+import { restoreDisk, type RestoreFormat } from '../restore/disk-restore.ts';
+import { openCatalog, homeOf, printJson } from './context.ts';
+import { formatBytes, formatColumns, formatDuration, formatRatio, formatTable } from './format.ts';
+import { ProgressBar } from './progress.ts';
+import { openRepositoryForCli, repositoryOption, type RepositoryCliOptions } from './repository-access.ts';
+
+/** `snapshift backup`, `restore-points`, `restore`, `hunt`: the daily verbs. */
+export function registerBackupCommands(program: Command): void {
+  repositoryOption(
+    program
+      .command('backup')
+      .description('back up VMs into a repository')
+      .argument('<vm...>', 'VM names (see "snapshift host list")')
+      .option('--mode <mode>', 'processing mode: regular', 'regular')
+      .option('--json', 'print the result as JSON')
+      .option('--quiet', 'no progress bar'),
+  )
+    .addHelpText('after', '\nExample:\n  snapshift backup vm1 --repo /srv/backups --password-file /root/.repo-pass')
+    .action(async (vmNames: string[], options: RepositoryCliOptions & { mode: string; json?: boolean; quiet?: boolean }, command: Command) => {
+      if (options.mode !== 'regular') throw new SnapshiftError('USAGE', `unknown mode "${options.mode}": use regular`);
+      using catalog = openCatalog(command);
+      const hosts = vmNames.map((name) => {
+        const host = catalog.getHost(name);
+        if (!host) throw new SnapshiftError('VM_UNKNOWN', `no VM named "${name}": add it with "snapshift host add qemu --qmp PATH --name ${name}"`);
+        return host;
+      });
+      await using repository = await openRepositoryForCli(options, catalog, vmNames[0]);
+      const results: Array<{ vm: string; restorePointId?: string; stats?: TaskStats; error?: string }> = [];
+      for (const host of hosts) {
+        const bar = new ProgressBar(!options.json && !options.quiet, host.name);
+        try {
+          const result = await backupVmRegular({
+            host,
+            repository,
+            catalog,
+            runDir: join(homeOf(command), 'run'),
+            onProgress: (progress) => bar.update(progress.processedBytes, progress.totalBytes, progress.phase),
+          });
+          bar.stop();
+          results.push({ vm: host.name, restorePointId: result.restorePoint.id, stats: result.stats });
+          if (!options.json) {
+            for (const action of result.recovered) console.log(`hunter: ${action.action} ${action.overlayPath} (${action.detail})`);
+            console.log(`\n${host.name}: restore point ${result.restorePoint.id}\n${formatSummary(result.stats)}`);
+          }
+        } catch (error) {
+          bar.stop();
+          if (hosts.length === 1) throw error;
+          results.push({ vm: host.name, error: (error as Error).message });
+          if (!options.json) console.error(`${host.name}: failed: ${(error as Error).message}`);
+        }
+      }
+      if (options.json) printJson(results);
+      const failed = results.filter((result) => result.error).length;
+      if (failed > 0) process.exitCode = failed === results.length ? 2 : 1;
+    });
+
+  program
+    .command('restore-points')
+    .description('list restore points (from the catalog)')
+    .argument('[vm]', 'only this VM')
+    .option('--json', 'print the result as JSON')
+    .action((vmName: string | undefined, options: { json?: boolean }, command: Command) => {
+      using catalog = openCatalog(command);
+      const points = catalog.listRestorePoints(vmName);
+      if (options.json) return printJson(points);
+      if (points.length === 0) return console.log(vmName ? `no restore points for ${vmName}` : 'no restore points');
+      console.log(
+        formatColumns(
+          ['ID', 'VM', 'CREATED', 'MODE', 'PROCESSED', 'TRANSFERRED', 'REPOSITORY'],
+          points.map((p) => [p.id.slice(0, 12), p.vmName, p.createdAt, p.mode, formatBytes(Number(p.stats.processedBytes ?? 0)), formatBytes(Number(p.stats.transferredBytes ?? 0)), p.repositoryPath]),
+        ),
+      );
+    });
+
+  repositoryOption(
+    program
+      .command('restore')
+      .description('restore the disks of a VM from a restore point to files')
+      .argument('<vm>', 'VM name')
+      .requiredOption('--to <path>', 'target file (one disk) or folder (several disks, or with --all-disks)')
+      .option('--point <id>', 'restore point id or unique prefix, or "latest"', 'latest')
+      .option('--disk <name>', 'restore only this disk')
+      .option('--format <format>', 'qcow2 or raw', 'raw')
+      .option('--force', 'overwrite existing files')
+      .option('--json', 'print the result as JSON')
+      .option('--quiet', 'no progress bar'),
+  )
+    .addHelpText('after', '\nExample:\n  snapshift restore vm1 --point latest --to /var/tmp/vm1.qcow2 --format qcow2')
+    .action(
+      async (
+        vmName: string,
+        options: RepositoryCliOptions & { to: string; point: string; disk?: string; format: string; force?: boolean; json?: boolean; quiet?: boolean },
+        command: Command,
+      ) => {
+        if (options.format !== 'raw' && options.format !== 'qcow2') throw new SnapshiftError('USAGE', `unknown format "${options.format}": use raw or qcow2`);
+        using catalog = openCatalog(command);
+        await using repository = await openRepositoryForCli(options, catalog, vmName);
+        const pointId = resolvePoint(catalog, vmName, options.point);
+        const reader = await repository.openRestorePoint(pointId);
+        if (reader.summary.vmName !== vmName) throw new SnapshiftError('USAGE', `restore point ${pointId} belongs to ${reader.summary.vmName}, not ${vmName}`);
+        const disks = options.disk ? [options.disk] : reader.summary.disks.map((disk) => disk.name);
+        const toFolder = disks.length > 1;
+        const restored: Array<{ disk: string; path: string; sizeBytes: number }> = [];
+        for (const disk of disks) {
+          const path = toFolder ? join(resolve(options.to), `${disk}.${options.format}`) : resolve(options.to);
+          const bar = new ProgressBar(!options.json && !options.quiet, `restore ${disk}`);
+          const result = await restoreDisk(reader, disk, path, {
+            format: options.format as RestoreFormat,
+            force: options.force ?? false,
+            chunkSizeBytes: repository.chunkSizeBytes,
+            onProgress: (done, total) => bar.update(done, total, 'restore'),
+          });
+          bar.stop();
+          restored.push({ disk, path, sizeBytes: result.sizeBytes });
+        }
+        if (options.json) return printJson({ restorePoint: reader.summary.id, restored });
+        for (const entry of restored) console.log(`restored ${vmName}/${entry.disk} (${formatBytes(entry.sizeBytes)}) from ${reader.summary.id} to ${entry.path}`);
+      },
+    );
+
+  program
+    .command('hunt')
+    .description('find and remove VM snapshots that crashed or killed backups left behind')
+    .option('--dry-run', 'only report what would be done')
+    .option('--json', 'print the result as JSON')
+    .action(async (options: { dryRun?: boolean; json?: boolean }, command: Command) => {
+      using catalog = openCatalog(command);
+      const actions = await huntVmSnapshots(catalog, { dryRun: options.dryRun });
+      if (options.json) return printJson(actions);
+      if (actions.length === 0) return console.log('nothing left behind');
+      for (const action of actions) console.log(`${options.dryRun ? 'would: ' : ''}${action.action} ${action.vmName} ${action.overlayPath} (${action.detail})`);
+    });
+}
+
+function resolvePoint(catalog: Catalog, vmName: string, point: string): string {
+  if (point !== 'latest') return point;
+  const latest = catalog.listRestorePoints(vmName).at(-1);
+  if (!latest) throw new SnapshiftError('RESTORE_POINT_UNKNOWN', `no restore points for ${vmName} in the catalog`);
+  return latest.id;
+}
+
+/** The summary a backup prints: Veeam's figures plus what the VM snapshot cost the guest. */
+export function formatSummary(stats: TaskStats): string {
+  return formatTable([
+    ['mode', stats.mode],
+    ['processed', formatBytes(stats.processedBytes)],
+    ['read', formatBytes(stats.readBytes)],
+    ['transferred', formatBytes(stats.transferredBytes)],
+    ['dedup ratio', formatRatio(stats.dedupRatio)],
+    ['compression ratio', formatRatio(stats.compressionRatio)],
+    ['duration', formatDuration(stats.durationMs)],
+    ['rate', `${stats.rateMBps.toFixed(1)} MB/s`],
+    ['VM-snapshot lifetime', formatDuration(stats.vmSnapshotLifetimeMs)],
+    ['delta at commit', formatBytes(stats.deltaBytesAtCommit)],
+    ['commit time', formatDuration(stats.commitMs)],
+    ...(stats.storageSnapshotLifetimeMs !== null ? [['storage-snapshot lifetime', formatDuration(stats.storageSnapshotLifetimeMs)] as [string, string]] : []),
+    ['busy', `source ${stats.busyPercent.source}%, proxy ${stats.busyPercent.proxy}%, target ${stats.busyPercent.target}%`],
+    ['bottleneck', stats.bottleneck],
+  ]);
+}

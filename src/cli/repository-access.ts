@@ -1,0 +1,29 @@
+import { resolve } from 'node:path';
+import type { Command } from 'commander';
+import type { Catalog } from '../catalog/index.ts';
+import { SnapshiftError } from '../core/errors.ts';
+import { openRepository, type Repository } from '../repository/index.ts';
+import { resolvePassword } from './password.ts';
+
+export interface RepositoryCliOptions {
+  repo?: string;
+  passwordFile?: string;
+}
+
+/** Adds --repo and --password-file to a command that reads or writes a repository. */
+export function repositoryOption(command: Command): Command {
+  return command
+    .option('--repo <path>', 'repository path (default $SNAPSHIFT_REPOSITORY, or the one the catalog knows for the VM)')
+    .option('--password-file <path>', 'file holding the repository password (else $SNAPSHIFT_PASSWORD, else a prompt)');
+}
+
+/**
+ * Opens the repository a command names: --repo, else $SNAPSHIFT_REPOSITORY, else where the catalog last
+ * saw this VM's restore points.
+ */
+export async function openRepositoryForCli(options: RepositoryCliOptions, catalog: Catalog, vmName?: string): Promise<Repository> {
+  const path = options.repo ?? process.env.SNAPSHIFT_REPOSITORY ?? (vmName ? catalog.lastRepositoryOf(vmName) : undefined);
+  if (!path) throw new SnapshiftError('USAGE', 'no repository given: pass --repo PATH or set SNAPSHIFT_REPOSITORY');
+  const absolute = resolve(path);
+  return openRepository(absolute, { password: await resolvePassword({ passwordFile: options.passwordFile, repositoryPath: absolute }) });
+}

@@ -1,0 +1,64 @@
+import type { QmpSession } from './qmp-session.ts';
+
+/** The parts of `query-named-block-nodes` entries we use (QMP reference: BlockDeviceInfo). */
+export interface BlockNodeInfo {
+  'node-name': string;
+  drv: string;
+  file: string;
+  ro: boolean;
+  image: {
+    filename: string;
+    format: string;
+    'virtual-size': number;
+    'actual-size'?: number;
+    'backing-filename'?: string;
+  };
+  'backing_file'?: string;
+  'backing_file_depth'?: number;
+}
+
+interface DebugBlockGraph {
+  nodes: Array<{ id: number; type: string; name: string }>;
+  edges: Array<{ parent: number; child: number; name: string }>;
+}
+
+export async function queryNamedBlockNodes(qmp: QmpSession): Promise<BlockNodeInfo[]> {
+  return qmp.execute<BlockNodeInfo[]>('query-named-block-nodes', { flat: true });
+}
+
+/**
+ * Names of the nodes attached directly to a block backend (a guest device or an export): the active layers.
+ * qemu-storage-daemon has no devices, so `query-block` is empty there; the debug graph is the one view that
+ * works for both a VM and a daemon. Backends whose names are in `ignoreBackendNames` are skipped.
+ */
+export async function rootNodeNames(qmp: QmpSession): Promise<string[]> {
+  const graph = await qmp.execute<DebugBlockGraph>('x-debug-query-block-graph');
+  const byId = new Map(graph.nodes.map((node) => [node.id, node]));
+  const roots = new Set<string>();
+  for (const edge of graph.edges) {
+    const parent = byId.get(edge.parent);
+    const child = byId.get(edge.child);
+    if (parent?.type === 'block-backend' && edge.name === 'root' && child?.type === 'block-driver' && child.name !== '') {
+      roots.add(child.name);
+    }
+  }
+  return [...roots];
+}
+
+/** The node whose `backing` child is `nodeName`, if any: who sits on top of it in a chain. */
+export async function parentByBacking(qmp: QmpSession, nodeName: string): Promise<string | undefined> {
+  const graph = await qmp.execute<DebugBlockGraph>('x-debug-query-block-graph');
+  const child = graph.nodes.find((node) => node.name === nodeName);
+  if (!child) return undefined;
+  const edge = graph.edges.find((e) => e.child === child.id && e.name === 'backing');
+  return edge ? graph.nodes.find((node) => node.id === edge.parent)?.name : undefined;
+}
+
+/** The protocol child (`file`) of a format node, e.g. the 'file' or 'rbd' node under a qcow2 node. */
+export async function protocolChildOf(qmp: QmpSession, nodeName: string): Promise<string | undefined> {
+  const graph = await qmp.execute<DebugBlockGraph>('x-debug-query-block-graph');
+  const parent = graph.nodes.find((node) => node.name === nodeName);
+  if (!parent) return undefined;
+  const edge = graph.edges.find((e) => e.parent === parent.id && e.name === 'file');
+  return edge ? graph.nodes.find((node) => node.id === edge.child)?.name : undefined;
+}

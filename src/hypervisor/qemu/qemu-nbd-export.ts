@@ -1,0 +1,68 @@
+import { rm } from 'node:fs/promises';
+import { SnapshiftError } from '../../core/errors.ts';
+import type { DiskExport } from '../hypervisor.ts';
+import type { QmpSession } from './qmp-session.ts';
+
+export interface ExportOptions {
+  /** Unix socket for the NBD server we start in the QEMU process if it runs none. */
+  socketPath: string;
+  /** The socket of an NBD server the process already runs (qemu-storage-daemon's --nbd-server). */
+  existingServerSocketPath?: string | null;
+  exportName: string;
+  /** Dirty bitmaps to expose as `qemu:dirty-bitmap:NAME` meta contexts. */
+  bitmaps?: string[];
+}
+
+/**
+ * Exports `nodeName` read-only over NBD from the QEMU process itself: `nbd-server-start` on a unix socket
+ * (unless the process already serves NBD), then `block-export-add`. Disposing deletes the export, waits for
+ * BLOCK_EXPORT_DELETED and stops the server if we started it.
+ */
+export async function exportNodeReadOnly(qmp: QmpSession, nodeName: string, options: ExportOptions): Promise<DiskExport> {
+  let socketPath = options.socketPath;
+  let startedServer = false;
+  try {
+    await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: socketPath } } });
+    startedServer = true;
+  } catch (error) {
+    if (!/already running/i.test((error as Error).message)) throw error;
+    if (!options.existingServerSocketPath) {
+      throw new SnapshiftError(
+        'NBD_SERVER_BUSY',
+        'the QEMU process already runs an NBD server whose socket we do not know: add the host with --nbd-socket PATH',
+        { cause: error },
+      );
+    }
+    socketPath = options.existingServerSocketPath;
+  }
+  const exportId = `${options.exportName}-export`;
+  try {
+    await qmp.execute('block-export-add', {
+      type: 'nbd',
+      id: exportId,
+      'node-name': nodeName,
+      name: options.exportName,
+      writable: false,
+      ...(options.bitmaps && options.bitmaps.length > 0 ? { bitmaps: options.bitmaps } : {}),
+    });
+  } catch (error) {
+    if (startedServer) await stopServer(qmp, socketPath);
+    throw error;
+  }
+  return {
+    socketPath,
+    exportName: options.exportName,
+    async [Symbol.asyncDispose]() {
+      const deleted = qmp.waitForEvent('BLOCK_EXPORT_DELETED', (event) => event.data?.id === exportId, { timeoutMs: 30_000 });
+      deleted.catch(() => undefined);
+      await qmp.execute('block-export-del', { id: exportId, mode: 'hard' });
+      await deleted;
+      if (startedServer) await stopServer(qmp, socketPath);
+    },
+  };
+}
+
+async function stopServer(qmp: QmpSession, socketPath: string): Promise<void> {
+  await qmp.execute('nbd-server-stop');
+  await rm(socketPath, { force: true });
+}

@@ -1,0 +1,132 @@
+import { stat, rm } from 'node:fs/promises';
+import { SnapshiftError } from '../../core/errors.ts';
+import type { VmDisk, VmSnapshot, VmSnapshotOverlay, VmSnapshotStats } from '../hypervisor.ts';
+import { nextOverlayPath } from './overlay-path.ts';
+import { commitOverlay } from './block-commit.ts';
+import type { QmpSession } from './qmp-session.ts';
+
+/** Where the intent to snapshot is recorded before QEMU is asked, and cleared after the commit. */
+export interface SnapshotLedger {
+  recordIntent(overlays: readonly VmSnapshotOverlay[]): number;
+  clear(entryId: number): void;
+}
+
+export interface TakeVmSnapshotOptions {
+  /** Tag in overlay node names so a crash's leftovers are recognisable: `snapshift-<tag>-<n>`. */
+  tag: string;
+  ledger: SnapshotLedger;
+  /** Where overlays of non-file disks go (RBD, iSCSI); file disks always get theirs beside the image. */
+  overlayFolder?: string;
+  /** Runs while the snapshot is being taken, e.g. guest fsfreeze/thaw around it. */
+  quiesce?: { freeze(): Promise<void>; thaw(): Promise<void> };
+}
+
+/** Formats whose images QEMU can put a qcow2 overlay on and that we know how to read back. */
+const snapshottableFormats = new Set(['qcow2', 'raw']);
+const snapshottableProtocols = new Set(['file', 'host_device']);
+
+export function assertSnapshottable(disks: readonly VmDisk[], overlayFolder?: string): void {
+  for (const disk of disks) {
+    if (!snapshottableFormats.has(disk.format)) {
+      throw new SnapshiftError('DISK_FORMAT_UNSUPPORTED', `disk ${disk.name} (${disk.imagePath}) is ${disk.format}: only qcow2 and raw disks can be snapshotted; the VM was not touched`);
+    }
+    if (!snapshottableProtocols.has(disk.protocol) && overlayFolder === undefined) {
+      throw new SnapshiftError('DISK_FORMAT_UNSUPPORTED', `disk ${disk.name} is on ${disk.protocol} (${disk.imagePath}): its overlay needs a local folder (--overlay-folder); the VM was not touched`);
+    }
+  }
+}
+
+/**
+ * Takes one VM snapshot of all `disks` in a single QMP transaction, so every disk freezes at the same
+ * instant: one external qcow2 overlay per disk becomes the active layer and the base turns read-only.
+ */
+export async function takeQemuVmSnapshot(qmp: QmpSession, disks: readonly VmDisk[], options: TakeVmSnapshotOptions): Promise<VmSnapshot> {
+  assertSnapshottable(disks, options.overlayFolder);
+  const taken = new Set<string>();
+  const overlays: VmSnapshotOverlay[] = disks.map((disk, index) => {
+    const overlayPath = nextOverlayPath(disk.imagePath, snapshottableProtocols.has(disk.protocol) ? undefined : options.overlayFolder, taken);
+    taken.add(overlayPath);
+    return { diskName: disk.name, baseNodeName: disk.nodeName, overlayNodeName: `snapshift-${options.tag}-${index}`, overlayPath };
+  });
+
+  const ledgerEntryId = options.ledger.recordIntent(overlays);
+  let frozen = false;
+  try {
+    if (options.quiesce) {
+      await options.quiesce.freeze();
+      frozen = true;
+    }
+    await qmp.execute('transaction', {
+      actions: overlays.map((overlay) => ({
+        type: 'blockdev-snapshot-sync',
+        data: { 'node-name': overlay.baseNodeName, 'snapshot-file': overlay.overlayPath, 'snapshot-node-name': overlay.overlayNodeName, format: 'qcow2' },
+      })),
+    });
+  } catch (error) {
+    // The transaction is all-or-nothing: no overlay is active, but QEMU may have created files.
+    await Promise.all(overlays.map((overlay) => rm(overlay.overlayPath, { force: true })));
+    options.ledger.clear(ledgerEntryId);
+    throw new SnapshiftError('VM_SNAPSHOT_FAILED', `could not take the VM snapshot: ${(error as Error).message}`, { cause: error });
+  } finally {
+    if (frozen) await options.quiesce!.thaw();
+  }
+  return new QemuVmSnapshot(qmp, overlays, options.ledger, ledgerEntryId);
+}
+
+class QemuVmSnapshot implements VmSnapshot {
+  readonly takenAt = new Date();
+  readonly #startedAt = performance.now();
+  #commit: Promise<VmSnapshotStats> | undefined;
+
+  constructor(
+    private readonly qmp: QmpSession,
+    readonly overlays: readonly VmSnapshotOverlay[],
+    private readonly ledger: SnapshotLedger,
+    private readonly ledgerEntryId: number,
+  ) {}
+
+  get committed(): boolean {
+    return this.#commit !== undefined;
+  }
+
+  commit(): Promise<VmSnapshotStats> {
+    this.#commit ??= this.#commitAll();
+    return this.#commit;
+  }
+
+  async #commitAll(): Promise<VmSnapshotStats> {
+    let deltaBytesAtCommit = 0;
+    for (const overlay of this.overlays) deltaBytesAtCommit += await allocatedBytes(overlay.overlayPath);
+    const commitStartedAt = performance.now();
+    // Commit every disk even if one fails, so as few overlays as possible stay behind; the ledger row
+    // stays (for the hunter) until all are gone.
+    const failures: unknown[] = [];
+    for (const overlay of this.overlays) {
+      try {
+        await commitOverlay(this.qmp, overlay);
+      } catch (error) {
+        failures.push(error);
+      }
+    }
+    const commitMs = performance.now() - commitStartedAt;
+    if (failures.length > 0) {
+      throw new SnapshiftError('VM_SNAPSHOT_COMMIT_FAILED', `could not commit the VM snapshot (run "snapshift hunt" to retry): ${(failures[0] as Error).message}`, {
+        cause: failures[0],
+      });
+    }
+    this.ledger.clear(this.ledgerEntryId);
+    return { lifetimeMs: performance.now() - this.#startedAt, deltaBytesAtCommit, commitMs };
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.commit();
+  }
+}
+
+async function allocatedBytes(path: string): Promise<number> {
+  try {
+    return (await stat(path)).blocks * 512;
+  } catch {
+    return 0;
+  }
+}

@@ -1,0 +1,57 @@
+import { SnapshiftError } from '../../core/errors.ts';
+import type { VmDisk } from '../hypervisor.ts';
+import { queryNamedBlockNodes, rootNodeNames, protocolChildOf, type BlockNodeInfo } from './block-graph.ts';
+import type { QmpSession } from './qmp-session.ts';
+
+interface QueryBlockEntry {
+  device: string;
+  qdev?: string;
+  inserted?: { 'node-name': string };
+}
+
+/** Format drivers whose nodes we treat as a disk's top; protocol drivers sit below them. */
+const protocolDrivers = new Set(['file', 'host_device', 'rbd', 'iscsi', 'nbd', 'nfs', 'ssh', 'http', 'https', 'null-co']);
+
+/**
+ * Lists the disks of the QEMU process behind `qmp`: for a VM from its guest devices (`query-block`, named by
+ * qdev id), for qemu-storage-daemon from the nodes its exports hold. Our own read-only exports and overlays
+ * are not disks.
+ */
+export async function listQemuDisks(qmp: QmpSession): Promise<VmDisk[]> {
+  const nodes = await queryNamedBlockNodes(qmp);
+  const byName = new Map(nodes.map((node) => [node['node-name'], node]));
+  const devices = (await qmp.execute<QueryBlockEntry[]>('query-block')).filter((device) => device.inserted);
+  const roots: Array<{ name: string; nodeName: string }> =
+    devices.length > 0
+      ? devices.map((device) => ({ name: deviceName(device), nodeName: device.inserted!['node-name'] }))
+      : (await rootNodeNames(qmp)).filter((name) => !name.startsWith('snapshift-')).map((name) => ({ name, nodeName: name }));
+
+  const disks: VmDisk[] = [];
+  for (const root of roots) {
+    const node = byName.get(root.nodeName);
+    if (!node) continue;
+    const protocolNode = byName.get((await protocolChildOf(qmp, root.nodeName)) ?? '');
+    disks.push(diskFromNode(root.name, node, protocolNode));
+  }
+  if (disks.length === 0) throw new SnapshiftError('VM_HAS_NO_DISKS', 'the VM has no block devices with media to back up');
+  return disks;
+}
+
+function deviceName(device: QueryBlockEntry): string {
+  // qdev is '/machine/peripheral/vda/virtio-backend' for -device …,id=vda: the id is what a user named.
+  const match = device.qdev?.match(/^\/machine\/peripheral\/([^/]+)/);
+  return match?.[1] ?? (device.device || device.inserted!['node-name']);
+}
+
+function diskFromNode(name: string, node: BlockNodeInfo, protocolNode: BlockNodeInfo | undefined): VmDisk {
+  const isFormat = !protocolDrivers.has(node.drv);
+  return {
+    name,
+    nodeName: node['node-name'],
+    imagePath: protocolNode?.file ?? node.file,
+    format: isFormat ? node.drv : 'raw',
+    protocol: protocolNode?.drv ?? node.drv,
+    virtualSizeBytes: node.image['virtual-size'],
+    actualSizeBytes: node.image['actual-size'],
+  };
+}

@@ -1,0 +1,129 @@
+import { randomUUID } from 'node:crypto';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Catalog, HostRecord } from '../catalog/index.ts';
+import { SnapshiftError } from '../core/errors.ts';
+import { copyDisk, type DiskCopyStats } from '../datamover/disk-copier.ts';
+import { NbdDiskSource } from '../datamover/nbd-disk-source.ts';
+import type { VmSnapshotStats } from '../hypervisor/hypervisor.ts';
+import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
+import type { Repository, RestorePointSummary } from '../repository/index.ts';
+import { huntVmSnapshots, type HuntAction } from './snapshot-hunter.ts';
+import { summarizeTask, type TaskStats } from './task-stats.ts';
+
+export interface TaskProgress {
+  vmName: string;
+  phase: 'snapshot' | 'copy' | 'commit' | 'finalize';
+  processedBytes: number;
+  totalBytes: number;
+}
+
+export interface BackupTaskInput {
+  host: HostRecord;
+  repository: Repository;
+  catalog: Catalog;
+  /** Sockets and other per-run files go here. */
+  runDir: string;
+  sessionId?: string;
+  onProgress?: (progress: TaskProgress) => void;
+  signal?: AbortSignal;
+  readAhead?: number;
+  maxReadBytesPerSecond?: number;
+  /** Test hook: called once the VM snapshot exists and before the copy starts. */
+  afterVmSnapshot?: (overlayPaths: string[]) => Promise<void> | void;
+}
+
+export interface BackupTaskResult {
+  restorePoint: RestorePointSummary;
+  stats: TaskStats;
+  /** What the snapshot hunter cleaned up before this backup. */
+  recovered: HuntAction[];
+}
+
+/**
+ * Regular processing of one VM: VM snapshot → copy the frozen base through the VM's own NBD export →
+ * commit the snapshot → write the restore point. The VM snapshot is committed on every path out.
+ */
+export async function backupVmRegular(input: BackupTaskInput): Promise<BackupTaskResult> {
+  const sessionId = input.sessionId ?? randomUUID();
+  mkdirSync(input.runDir, { recursive: true });
+  // Before we hold the QMP connection (QEMU serves one client at a time): clean what a crash left.
+  const recovered = await huntVmSnapshots(input.catalog, { vmName: input.host.name });
+  try {
+    return { ...(await runRegularTask(input, sessionId)), recovered };
+  } catch (error) {
+    // The commit itself may have failed (QMP connection lost): with our connection closed, retry it the
+    // way the hunter would, so the guest is not left on the overlay.
+    const ours = input.catalog.listVmSnapshotLedger(input.host.name).filter((entry) => entry.sessionId === sessionId);
+    if (ours.length > 0) await huntVmSnapshots(input.catalog, { vmName: input.host.name, includeEntries: ours.map((entry) => entry.id) }).catch(() => undefined);
+    throw error;
+  }
+}
+
+async function runRegularTask(input: BackupTaskInput, sessionId: string): Promise<Omit<BackupTaskResult, 'recovered'>> {
+  const started = performance.now();
+  const { host: hostRecord, catalog, repository } = input;
+  const tag = sessionId.slice(0, 8);
+
+  await using host = await QemuHost.connect(hostRecord);
+  const disks = await host.listDisks();
+  catalog.recordDisks(hostRecord.name, disks.map((disk) => ({ ...disk })));
+  const totalBytes = disks.reduce((total, disk) => total + disk.virtualSizeBytes, 0);
+  const report = (phase: TaskProgress['phase'], processedBytes: number) =>
+    input.onProgress?.({ vmName: hostRecord.name, phase, processedBytes, totalBytes });
+
+  const writer = await repository.startBackup({ vmName: hostRecord.name });
+  let committed = false;
+  try {
+    report('snapshot', 0);
+    const copies: Array<{ name: string; stats: DiskCopyStats }> = [];
+    let vmSnapshotStats: VmSnapshotStats;
+    {
+      await using vmSnapshot = await host.snapshot(disks, {
+        tag,
+        ledger: {
+          recordIntent: (overlays) =>
+            catalog.recordVmSnapshotIntent({ vmName: hostRecord.name, qmpSocketPath: hostRecord.qmpSocketPath, ownerPid: process.pid, sessionId, overlays: [...overlays] }),
+          clear: (id) => catalog.clearLedgerEntry(id),
+        },
+      });
+      await input.afterVmSnapshot?.(vmSnapshot.overlays.map((overlay) => overlay.overlayPath));
+      let doneBefore = 0;
+      for (const [index, disk] of disks.entries()) {
+        await using diskExport = await host.exportReadOnly(disk.nodeName, {
+          exportName: `snapshift-${tag}-${index}`,
+          socketPath: join(input.runDir, `nbd-${tag}.sock`),
+        });
+        await using source = await NbdDiskSource.open(diskExport.socketPath, diskExport.exportName);
+        if (source.sizeBytes !== disk.virtualSizeBytes) {
+          throw new SnapshiftError('DISK_SIZE_MISMATCH', `disk ${disk.name}: the export is ${source.sizeBytes} bytes, QEMU says ${disk.virtualSizeBytes}`);
+        }
+        const diskWriter = writer.addDisk(disk.name, disk.virtualSizeBytes);
+        const stats = await copyDisk(source, diskWriter, {
+          chunkSizeBytes: repository.chunkSizeBytes,
+          readAhead: input.readAhead,
+          maxReadBytesPerSecond: input.maxReadBytesPerSecond,
+          signal: input.signal,
+          onProgress: (processed) => report('copy', doneBefore + processed),
+        });
+        doneBefore += disk.virtualSizeBytes;
+        copies.push({ name: disk.name, stats });
+      }
+      report('commit', totalBytes);
+      vmSnapshotStats = await vmSnapshot.commit();
+    }
+    report('finalize', totalBytes);
+    const stats = summarizeTask({ mode: 'regular', durationMs: performance.now() - started, copies, writer: writer.stats, vmSnapshot: vmSnapshotStats });
+    const restorePoint = await writer.commit({
+      mode: 'regular',
+      sessionId,
+      disks: disks.map((disk) => ({ name: disk.name, format: disk.format, imagePath: disk.imagePath, virtualSizeBytes: disk.virtualSizeBytes })),
+      stats,
+    });
+    committed = true;
+    catalog.addRestorePoint({ id: restorePoint.id, vmName: hostRecord.name, repositoryPath: repository.path, createdAt: restorePoint.createdAt, mode: 'regular', stats: { ...stats } });
+    return { restorePoint, stats };
+  } finally {
+    if (!committed) await writer.abort();
+  }
+}

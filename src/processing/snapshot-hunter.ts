@@ -1,0 +1,90 @@
+import { existsSync, readFileSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
+import type { Catalog, VmSnapshotLedgerEntry } from '../catalog/index.ts';
+import { exec } from '../core/exec.ts';
+import { messageOf } from '../core/errors.ts';
+import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
+import { queryNamedBlockNodes } from '../hypervisor/qemu/block-graph.ts';
+import { commitOverlay } from '../hypervisor/qemu/block-commit.ts';
+
+export interface HuntAction {
+  vmName: string;
+  overlayPath: string;
+  /** What was (or, in a dry run, would be) done. */
+  action: 'committed-live' | 'committed-offline' | 'removed-unused-file' | 'already-gone' | 'left-in-place';
+  detail: string;
+}
+
+/** True while the process that wrote a ledger row still runs: its snapshot belongs to a running task. */
+export function ownerIsRunning(pid: number): boolean {
+  if (pid === process.pid) return true;
+  try {
+    process.kill(pid, 0);
+  } catch {
+    return false;
+  }
+  // A recycled PID belongs to something else: only a node process can be one of our tasks.
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('node');
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Finds VM snapshots a crashed or killed task left behind (ledger rows whose owner is gone) and removes them:
+ * an overlay still active in a running QEMU is committed live; one whose QEMU is gone is committed offline
+ * with qemu-img (which refuses if anyone still holds the image); a file no chain uses is deleted. A row is
+ * cleared only once all its overlays are dealt with. Nothing outside the ledger is ever touched.
+ */
+export async function huntVmSnapshots(catalog: Catalog, options: { vmName?: string; dryRun?: boolean; includeEntries?: number[] } = {}): Promise<HuntAction[]> {
+  const actions: HuntAction[] = [];
+  for (const entry of catalog.listVmSnapshotLedger(options.vmName)) {
+    const forced = options.includeEntries?.includes(entry.id) ?? false;
+    if (!forced && ownerIsRunning(entry.ownerPid)) continue;
+    const entryActions = await recoverEntry(entry, options.dryRun ?? false);
+    actions.push(...entryActions);
+    if (!options.dryRun && entryActions.every((action) => action.action !== 'left-in-place')) catalog.clearLedgerEntry(entry.id);
+  }
+  return actions;
+}
+
+async function recoverEntry(entry: VmSnapshotLedgerEntry, dryRun: boolean): Promise<HuntAction[]> {
+  const actions: HuntAction[] = [];
+  let host: QemuHost | undefined;
+  try {
+    host = await QemuHost.connect({ name: entry.vmName, qmpSocketPath: entry.qmpSocketPath }, 5_000);
+  } catch {
+    host = undefined; // QEMU is gone (or not answering): only offline repair is possible
+  }
+  try {
+    const liveNodes = host ? new Set((await queryNamedBlockNodes(host.qmp)).map((node) => node['node-name'])) : undefined;
+    for (const overlay of entry.overlays) {
+      const base = { vmName: entry.vmName, overlayPath: overlay.overlayPath };
+      if (liveNodes?.has(overlay.overlayNodeName)) {
+        if (!dryRun) await commitOverlay(host!.qmp, overlay);
+        actions.push({ ...base, action: 'committed-live', detail: `block-commit of ${overlay.overlayNodeName} into ${overlay.baseNodeName}` });
+      } else if (!existsSync(overlay.overlayPath)) {
+        actions.push({ ...base, action: 'already-gone', detail: 'no overlay file and no node: nothing to do' });
+      } else if (liveNodes) {
+        // QEMU runs but does not use the file: the snapshot never became active (or was committed already).
+        if (!dryRun) await rm(overlay.overlayPath, { force: true });
+        actions.push({ ...base, action: 'removed-unused-file', detail: 'QEMU does not use it' });
+      } else {
+        try {
+          // The overlay may hold guest writes made after the snapshot: merge them, never just delete.
+          if (!dryRun) {
+            await exec('qemu-img', ['commit', '-q', '-f', 'qcow2', overlay.overlayPath]);
+            await rm(overlay.overlayPath, { force: true });
+          }
+          actions.push({ ...base, action: 'committed-offline', detail: 'QEMU is not running: qemu-img commit into the base image' });
+        } catch (error) {
+          actions.push({ ...base, action: 'left-in-place', detail: `cannot reach QEMU and cannot commit offline: ${messageOf(error)}` });
+        }
+      }
+    }
+  } finally {
+    await host?.close();
+  }
+  return actions;
+}

@@ -1,0 +1,76 @@
+import type { WriterStats } from '../repository/index.ts';
+import type { DiskCopyStats } from '../datamover/disk-copier.ts';
+
+export type Stage = 'source' | 'proxy' | 'target';
+
+/** What one VM task reports (DESIGN.md: "Each task records …"). */
+export interface TaskStats {
+  mode: string;
+  durationMs: number;
+  processedBytes: number;
+  readBytes: number;
+  transferredBytes: number;
+  dedupRatio: number;
+  compressionRatio: number;
+  rateMBps: number;
+  vmSnapshotLifetimeMs: number;
+  deltaBytesAtCommit: number;
+  commitMs: number;
+  storageSnapshotLifetimeMs: number | null;
+  busyPercent: Record<Stage, number>;
+  bottleneck: Stage;
+  disks: Array<{ name: string; sizeBytes: number; readBytes: number; zeroBytes: number; durationMs: number }>;
+}
+
+/** Folds the data mover's and the repository writer's counters into the task's statistics. */
+export function summarizeTask(input: {
+  mode: string;
+  durationMs: number;
+  copies: Array<{ name: string; stats: DiskCopyStats }>;
+  writer: WriterStats;
+  vmSnapshot: { lifetimeMs: number; deltaBytesAtCommit: number; commitMs: number };
+  storageSnapshotLifetimeMs?: number;
+}): TaskStats {
+  const processedBytes = sum(input.copies.map((copy) => copy.stats.sizeBytes));
+  const readBytes = sum(input.copies.map((copy) => copy.stats.bytesRead));
+  const copyMs = Math.max(1, sum(input.copies.map((copy) => copy.stats.durationMs)));
+  const newBytes = input.writer.bytesIn - input.writer.dedupBytes;
+  const busyPercent: Record<Stage, number> = {
+    source: percent(sum(input.copies.map((copy) => copy.stats.sourceBusyMs)), copyMs),
+    // Workers run in parallel: their summed busy time is divided by the pool's capacity by the writer.
+    proxy: percent(input.writer.workerBusyMs, copyMs),
+    target: percent(input.writer.writeBusyMs, copyMs),
+  };
+  const bottleneck = (Object.entries(busyPercent) as Array<[Stage, number]>).sort((a, b) => b[1] - a[1])[0]![0];
+  return {
+    mode: input.mode,
+    durationMs: input.durationMs,
+    processedBytes,
+    readBytes,
+    transferredBytes: input.writer.storedBytes,
+    dedupRatio: newBytes > 0 ? input.writer.bytesIn / newBytes : input.writer.bytesIn > 0 ? Infinity : 1,
+    compressionRatio: input.writer.compressedOutBytes > 0 ? input.writer.compressedInBytes / input.writer.compressedOutBytes : 1,
+    rateMBps: processedBytes / 1e6 / (input.durationMs / 1000),
+    vmSnapshotLifetimeMs: input.vmSnapshot.lifetimeMs,
+    deltaBytesAtCommit: input.vmSnapshot.deltaBytesAtCommit,
+    commitMs: input.vmSnapshot.commitMs,
+    storageSnapshotLifetimeMs: input.storageSnapshotLifetimeMs ?? null,
+    busyPercent,
+    bottleneck,
+    disks: input.copies.map((copy) => ({
+      name: copy.name,
+      sizeBytes: copy.stats.sizeBytes,
+      readBytes: copy.stats.bytesRead,
+      zeroBytes: copy.stats.zeroBytes,
+      durationMs: copy.stats.durationMs,
+    })),
+  };
+}
+
+function sum(values: number[]): number {
+  return values.reduce((total, value) => total + value, 0);
+}
+
+function percent(busyMs: number, totalMs: number): number {
+  return Math.min(100, Math.round((busyMs / totalMs) * 1000) / 10);
+}
