@@ -33,6 +33,18 @@ export interface VmSnapshotLedgerEntry {
   createdAt: string;
 }
 
+/** A storage snapshot we asked for: which system, which volumes, which session (its names carry the tag). */
+export interface StorageSnapshotLedgerEntry {
+  id: number;
+  vmNames: string[];
+  ownerPid: number;
+  sessionId: string;
+  systemKind: string;
+  volumes: Array<{ kind: string; id: string }>;
+  sessionTag: string;
+  createdAt: string;
+}
+
 /**
  * The catalog: hosts, VMs, restore points and the snapshot ledger, in one SQLite file under the home folder.
  * WAL mode so a CLI reading sessions never blocks a running backup.
@@ -155,6 +167,27 @@ export class Catalog implements Disposable {
 
   clearLedgerEntry(id: number): void {
     this.#db.prepare('DELETE FROM snapshot_ledger WHERE id = ?').run(id);
+  }
+
+  /** The intent to snapshot storage volumes, written before the storage system is asked. */
+  recordStorageSnapshotIntent(entry: Omit<StorageSnapshotLedgerEntry, 'id' | 'createdAt'>): number {
+    const result = this.#db
+      .prepare('INSERT INTO snapshot_ledger (kind, vm_name, qmp_socket, owner_pid, session_id, details, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)')
+      .run('storage', entry.vmNames.join(','), '', entry.ownerPid, entry.sessionId, JSON.stringify({ systemKind: entry.systemKind, volumes: entry.volumes, sessionTag: entry.sessionTag }), new Date().toISOString());
+    return Number(result.lastInsertRowid);
+  }
+
+  listStorageSnapshotLedger(): StorageSnapshotLedgerEntry[] {
+    const rows = this.#db.prepare("SELECT * FROM snapshot_ledger WHERE kind = 'storage' ORDER BY id").all() as LedgerRow[];
+    return rows.map((row) => {
+      const details = JSON.parse(row.details) as Pick<StorageSnapshotLedgerEntry, 'systemKind' | 'volumes' | 'sessionTag'>;
+      return { id: row.id, vmNames: row.vm_name.split(','), ownerPid: row.owner_pid, sessionId: row.session_id, createdAt: row.created_at, ...details };
+    });
+  }
+
+  /** Every volume a disk we backed up was found on: where the hunter looks for our storage snapshots. */
+  knownImagePaths(): string[] {
+    return (this.#db.prepare('SELECT DISTINCT image_path FROM disks').all() as Array<{ image_path: string }>).map((row) => row.image_path);
   }
 
   listVmSnapshotLedger(vmName?: string): VmSnapshotLedgerEntry[] {

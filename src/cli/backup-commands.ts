@@ -2,9 +2,10 @@ import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import type { Catalog } from '../catalog/index.ts';
 import { SnapshiftError } from '../core/errors.ts';
-import { backupVmRegular } from '../processing/regular-mode.ts';
+import { runBackup, type BackupRunResult } from '../processing/backup-run.ts';
 import type { TaskStats } from '../processing/task-stats.ts';
-import { huntVmSnapshots } from '../processing/snapshot-hunter.ts';
+import { huntOverlaysOnHosts, huntVmSnapshots } from '../processing/snapshot-hunter.ts';
+import { huntStorageSnapshots } from '../processing/storage-hunter.ts';
 import { restoreDisk, type RestoreFormat } from '../restore/disk-restore.ts';
 import { openCatalog, homeOf, printJson } from './context.ts';
 import { formatBytes, formatColumns, formatDuration, formatRatio, formatTable } from './format.ts';
@@ -18,48 +19,88 @@ export function registerBackupCommands(program: Command): void {
       .command('backup')
       .description('back up VMs into a repository')
       .argument('<vm...>', 'VM names (see "snapshift host list")')
-      .option('--mode <mode>', 'processing mode: regular', 'regular')
+      .option('--mode <mode>', 'processing mode: storage-snapshot or regular', 'regular')
+      .option('--no-failover-to-regular', 'in storage-snapshot mode, fail instead of falling back to regular mode')
+      .option('--vms-per-storage-snapshot <n>', 'at most this many VMs share one storage snapshot', '10')
+      .option('--max-read-rate <MBps>', 'cap the read rate (MB/s), e.g. to spare a busy production link')
       .option('--json', 'print the result as JSON')
       .option('--quiet', 'no progress bar'),
   )
-    .addHelpText('after', '\nExample:\n  snapshift backup vm1 --repo /srv/backups --password-file /root/.repo-pass')
-    .action(async (vmNames: string[], options: RepositoryCliOptions & { mode: string; json?: boolean; quiet?: boolean }, command: Command) => {
-      if (options.mode !== 'regular') throw new SnapshiftError('USAGE', `unknown mode "${options.mode}": use regular`);
-      using catalog = openCatalog(command);
-      const hosts = vmNames.map((name) => {
-        const host = catalog.getHost(name);
-        if (!host) throw new SnapshiftError('VM_UNKNOWN', `no VM named "${name}": add it with "snapshift host add qemu --qmp PATH --name ${name}"`);
-        return host;
-      });
-      await using repository = await openRepositoryForCli(options, catalog, vmNames[0]);
-      const results: Array<{ vm: string; restorePointId?: string; stats?: TaskStats; error?: string }> = [];
-      for (const host of hosts) {
-        const bar = new ProgressBar(!options.json && !options.quiet, host.name);
+    .addHelpText(
+      'after',
+      '\nExamples:\n  snapshift backup vm1 --repo /srv/backups --password-file /root/.repo-pass\n  snapshift backup vm1 vm2 vm3 --mode storage-snapshot --repo /srv/backups',
+    )
+    .action(
+      async (
+        vmNames: string[],
+        options: RepositoryCliOptions & { mode: string; failoverToRegular: boolean; vmsPerStorageSnapshot: string; maxReadRate?: string; json?: boolean; quiet?: boolean },
+        command: Command,
+      ) => {
+        if (options.mode !== 'regular' && options.mode !== 'storage-snapshot') throw new SnapshiftError('USAGE', `unknown mode "${options.mode}": use storage-snapshot or regular`);
+        const vmsPerStorageSnapshot = positiveInteger(options.vmsPerStorageSnapshot, '--vms-per-storage-snapshot');
+        const maxReadRate = options.maxReadRate === undefined ? undefined : positiveInteger(options.maxReadRate, '--max-read-rate');
+        using catalog = openCatalog(command);
+        const hosts = vmNames.map((name) => {
+          const host = catalog.getHost(name);
+          if (!host) throw new SnapshiftError('VM_UNKNOWN', `no VM named "${name}": add it with "snapshift host add qemu --qmp PATH --name ${name}"`);
+          return host;
+        });
+        await using repository = await openRepositoryForCli(options, catalog, vmNames[0]);
+        const bars = new Map(hosts.map((host) => [host.name, new ProgressBar(!options.json && !options.quiet, host.name)]));
+        let run: BackupRunResult;
         try {
-          const result = await backupVmRegular({
-            host,
+          run = await runBackup({
+            hosts,
+            mode: options.mode,
             repository,
             catalog,
             runDir: join(homeOf(command), 'run'),
-            onProgress: (progress) => bar.update(progress.processedBytes, progress.totalBytes, progress.phase),
+            failoverToRegular: options.failoverToRegular,
+            vmsPerStorageSnapshot,
+            maxReadBytesPerSecond: maxReadRate === undefined ? undefined : maxReadRate * 1e6,
+            onProgress: (progress) => bars.get(progress.vmName)?.update(progress.processedBytes, progress.totalBytes, progress.phase),
           });
-          bar.stop();
-          results.push({ vm: host.name, restorePointId: result.restorePoint.id, stats: result.stats });
-          if (!options.json) {
-            for (const action of result.recovered) console.log(`hunter: ${action.action} ${action.overlayPath} (${action.detail})`);
-            console.log(`\n${host.name}: restore point ${result.restorePoint.id}\n${formatSummary(result.stats)}`);
-          }
-        } catch (error) {
-          bar.stop();
-          if (hosts.length === 1) throw error;
-          results.push({ vm: host.name, error: (error as Error).message });
-          if (!options.json) console.error(`${host.name}: failed: ${(error as Error).message}`);
+        } finally {
+          for (const bar of bars.values()) bar.stop();
         }
-      }
-      if (options.json) printJson(results);
-      const failed = results.filter((result) => result.error).length;
-      if (failed > 0) process.exitCode = failed === results.length ? 2 : 1;
-    });
+        const failed = run.outcomes.filter((outcome) => outcome.error).length;
+        if (options.json) {
+          printJson({
+            sessionId: run.sessionId,
+            storageSnapshots: run.storageSnapshotCount,
+            hunted: run.hunted,
+            vms: run.outcomes.map((outcome) => ({
+              vm: outcome.vmName,
+              restorePointId: outcome.result?.restorePoint.id,
+              stats: outcome.result?.stats,
+              failoverReason: outcome.result?.failoverReason,
+              storage: outcome.result?.storageKinds,
+              error: outcome.error?.message,
+            })),
+          });
+        } else {
+          for (const action of run.hunted.vmSnapshots) console.log(`hunter: ${action.action} ${action.overlayPath} (${action.detail})`);
+          for (const action of run.hunted.storageSnapshots) console.log(`hunter: ${action.action} ${action.kind} snapshot ${action.location} (${action.detail})`);
+          for (const outcome of run.outcomes) {
+            if (outcome.error) {
+              console.error(`${outcome.vmName}: failed: ${outcome.error.message}`);
+              continue;
+            }
+            const result = outcome.result!;
+            console.log(`\n${outcome.vmName}: restore point ${result.restorePoint.id}`);
+            if (result.failoverReason) console.log(`  failover to regular mode: ${result.failoverReason}`);
+            if (result.storageKinds && result.stats.mode === 'storage-snapshot') console.log(`  storage snapshot by: ${result.storageKinds.join(', ')}`);
+            console.log(formatSummary(result.stats));
+          }
+        }
+        if (failed > 0) {
+          if (hosts.length === 1 && !options.json) process.exitCode = 2;
+          else process.exitCode = failed === run.outcomes.length ? 2 : 1;
+        } else if (run.outcomes.some((outcome) => outcome.result?.failoverReason)) {
+          process.exitCode = 1;
+        }
+      },
+    );
 
   program
     .command('restore-points')
@@ -132,10 +173,14 @@ export function registerBackupCommands(program: Command): void {
     .option('--json', 'print the result as JSON')
     .action(async (options: { dryRun?: boolean; json?: boolean }, command: Command) => {
       using catalog = openCatalog(command);
-      const actions = await huntVmSnapshots(catalog, { dryRun: options.dryRun });
-      if (options.json) return printJson(actions);
-      if (actions.length === 0) return console.log('nothing left behind');
-      for (const action of actions) console.log(`${options.dryRun ? 'would: ' : ''}${action.action} ${action.vmName} ${action.overlayPath} (${action.detail})`);
+      const dryRun = options.dryRun ?? false;
+      const vmSnapshots = [...(await huntVmSnapshots(catalog, { dryRun })), ...(await huntOverlaysOnHosts(catalog, { dryRun }))];
+      const storageSnapshots = await huntStorageSnapshots(catalog, { dryRun });
+      if (options.json) return printJson({ dryRun, vmSnapshots, storageSnapshots });
+      if (vmSnapshots.length + storageSnapshots.length === 0) return console.log('nothing left behind');
+      const prefix = dryRun ? 'would: ' : '';
+      for (const action of vmSnapshots) console.log(`${prefix}${action.action} VM snapshot of ${action.vmName}: ${action.overlayPath} (${action.detail})`);
+      for (const action of storageSnapshots) console.log(`${prefix}${action.action} ${action.kind} storage snapshot ${action.location} (${action.detail})`);
     });
 }
 
@@ -164,4 +209,10 @@ export function formatSummary(stats: TaskStats): string {
     ['busy', `source ${stats.busyPercent.source}%, proxy ${stats.busyPercent.proxy}%, target ${stats.busyPercent.target}%`],
     ['bottleneck', stats.bottleneck],
   ]);
+}
+
+function positiveInteger(value: string, option: string): number {
+  const parsed = Number(value);
+  if (!Number.isInteger(parsed) || parsed <= 0) throw new SnapshiftError('USAGE', `${option} must be a positive whole number, not "${value}"`);
+  return parsed;
 }

@@ -1,9 +1,11 @@
 import type { Command } from 'commander';
 import { registerBackupCommands } from './backup-commands.ts';
 import { registerHostCommands } from './host-commands.ts';
+import { registerStorageCommands } from './storage-commands.ts';
 
 /** Every command family registers itself here; one line per family keeps merges trivial. */
 export function registerCommands(program: Command): void {
   registerHostCommands(program);
   registerBackupCommands(program);
+  registerStorageCommands(program);
 }

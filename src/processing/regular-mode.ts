@@ -2,14 +2,13 @@ import { randomUUID } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Catalog, HostRecord } from '../catalog/index.ts';
-import { SnapshiftError } from '../core/errors.ts';
-import { copyDisk, type DiskCopyStats } from '../datamover/disk-copier.ts';
-import { NbdDiskSource } from '../datamover/nbd-disk-source.ts';
+import type { DiskCopyStats } from '../datamover/disk-copier.ts';
 import type { VmSnapshotStats } from '../hypervisor/hypervisor.ts';
 import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
 import type { Repository, RestorePointSummary } from '../repository/index.ts';
 import { huntVmSnapshots, type HuntAction } from './snapshot-hunter.ts';
 import { summarizeTask, type TaskStats } from './task-stats.ts';
+import { copyVmDisks } from './vm-copy.ts';
 
 export interface TaskProgress {
   vmName: string;
@@ -29,6 +28,10 @@ export interface BackupTaskInput {
   signal?: AbortSignal;
   readAhead?: number;
   maxReadBytesPerSecond?: number;
+  /** Why a storage-snapshot task runs in regular mode instead; recorded with the restore point. */
+  failoverReason?: string;
+  /** The run already hunted leftovers before its first task. */
+  skipHunt?: boolean;
   /** Test hook: called once the VM snapshot exists and before the copy starts. */
   afterVmSnapshot?: (overlayPaths: string[]) => Promise<void> | void;
 }
@@ -48,7 +51,7 @@ export async function backupVmRegular(input: BackupTaskInput): Promise<BackupTas
   const sessionId = input.sessionId ?? randomUUID();
   mkdirSync(input.runDir, { recursive: true });
   // Before we hold the QMP connection (QEMU serves one client at a time): clean what a crash left.
-  const recovered = await huntVmSnapshots(input.catalog, { vmName: input.host.name });
+  const recovered = input.skipHunt ? [] : await huntVmSnapshots(input.catalog, { vmName: input.host.name });
   try {
     return { ...(await runRegularTask(input, sessionId)), recovered };
   } catch (error) {
@@ -88,27 +91,20 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
         },
       });
       await input.afterVmSnapshot?.(vmSnapshot.overlays.map((overlay) => overlay.overlayPath));
-      let doneBefore = 0;
-      for (const [index, disk] of disks.entries()) {
-        await using diskExport = await host.exportReadOnly(disk.nodeName, {
-          exportName: `snapshift-${tag}-${index}`,
-          socketPath: join(input.runDir, `nbd-${tag}.sock`),
-        });
-        await using source = await NbdDiskSource.open(diskExport.socketPath, diskExport.exportName);
-        if (source.sizeBytes !== disk.virtualSizeBytes) {
-          throw new SnapshiftError('DISK_SIZE_MISMATCH', `disk ${disk.name}: the export is ${source.sizeBytes} bytes, QEMU says ${disk.virtualSizeBytes}`);
-        }
-        const diskWriter = writer.addDisk(disk.name, disk.virtualSizeBytes);
-        const stats = await copyDisk(source, diskWriter, {
-          chunkSizeBytes: repository.chunkSizeBytes,
-          readAhead: input.readAhead,
-          maxReadBytesPerSecond: input.maxReadBytesPerSecond,
-          signal: input.signal,
-          onProgress: (processed) => report('copy', doneBefore + processed),
-        });
-        doneBefore += disk.virtualSizeBytes;
-        copies.push({ name: disk.name, stats });
-      }
+      copies.push(
+        ...(await copyVmDisks(
+          writer,
+          disks,
+          (disk, index) => host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-${index}`, socketPath: join(input.runDir, `nbd-${tag}.sock`) }),
+          {
+            chunkSizeBytes: repository.chunkSizeBytes,
+            readAhead: input.readAhead,
+            maxReadBytesPerSecond: input.maxReadBytesPerSecond,
+            signal: input.signal,
+            onProgress: (processed) => report('copy', processed),
+          },
+        )),
+      );
       report('commit', totalBytes);
       vmSnapshotStats = await vmSnapshot.commit();
     }
@@ -117,11 +113,12 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
     const restorePoint = await writer.commit({
       mode: 'regular',
       sessionId,
+      failoverReason: input.failoverReason,
       disks: disks.map((disk) => ({ name: disk.name, format: disk.format, imagePath: disk.imagePath, virtualSizeBytes: disk.virtualSizeBytes })),
       stats,
     });
     committed = true;
-    catalog.addRestorePoint({ id: restorePoint.id, vmName: hostRecord.name, repositoryPath: repository.path, createdAt: restorePoint.createdAt, mode: 'regular', stats: { ...stats } });
+    catalog.addRestorePoint({ id: restorePoint.id, vmName: hostRecord.name, repositoryPath: repository.path, createdAt: restorePoint.createdAt, mode: 'regular', stats: { ...stats, failoverReason: input.failoverReason } });
     return { restorePoint, stats };
   } finally {
     if (!committed) await writer.abort();

@@ -4,7 +4,7 @@ import type { Catalog, VmSnapshotLedgerEntry } from '../catalog/index.ts';
 import { exec } from '../core/exec.ts';
 import { messageOf } from '../core/errors.ts';
 import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
-import { queryNamedBlockNodes } from '../hypervisor/qemu/block-graph.ts';
+import { backingChildOf, queryNamedBlockNodes } from '../hypervisor/qemu/block-graph.ts';
 import { commitOverlay } from '../hypervisor/qemu/block-commit.ts';
 
 export interface HuntAction {
@@ -85,6 +85,38 @@ async function recoverEntry(entry: VmSnapshotLedgerEntry, dryRun: boolean): Prom
     }
   } finally {
     await host?.close();
+  }
+  return actions;
+}
+
+/**
+ * The hosts' side of the hunt: overlay nodes named by us (`snapshift-<tag>-<n>`) that are still active in a
+ * running QEMU although no live task owns their tag (e.g. the ledger row was lost) are committed. A host that
+ * does not answer quickly (busy with another client) is skipped, never waited for.
+ */
+export async function huntOverlaysOnHosts(catalog: Catalog, options: { dryRun?: boolean } = {}): Promise<HuntAction[]> {
+  const liveTags = new Set(catalog.listVmSnapshotLedger().filter((entry) => ownerIsRunning(entry.ownerPid)).map((entry) => entry.sessionId.slice(0, 8)));
+  const actions: HuntAction[] = [];
+  for (const record of catalog.listHosts()) {
+    let host: QemuHost;
+    try {
+      host = await QemuHost.connect(record, 3_000);
+    } catch {
+      continue;
+    }
+    try {
+      for (const node of await queryNamedBlockNodes(host.qmp)) {
+        const tag = node['node-name'].match(/^snapshift-([0-9a-f]{8})-\d+$/)?.[1];
+        if (!tag || liveTags.has(tag)) continue;
+        const base = await backingChildOf(host.qmp, node['node-name']);
+        if (!base) continue;
+        const overlay = { baseNodeName: base, overlayNodeName: node['node-name'], overlayPath: node.file };
+        if (!options.dryRun) await commitOverlay(host.qmp, overlay);
+        actions.push({ vmName: record.name, overlayPath: node.file, action: 'committed-live', detail: `overlay ${node['node-name']} of a session that is no longer running` });
+      }
+    } finally {
+      await host.close();
+    }
   }
   return actions;
 }

@@ -62,3 +62,12 @@ export async function protocolChildOf(qmp: QmpSession, nodeName: string): Promis
   const edge = graph.edges.find((e) => e.parent === parent.id && e.name === 'file');
   return edge ? graph.nodes.find((node) => node.id === edge.child)?.name : undefined;
 }
+
+/** The `backing` child of a node: the image below it in the chain. */
+export async function backingChildOf(qmp: QmpSession, nodeName: string): Promise<string | undefined> {
+  const graph = await qmp.execute<DebugBlockGraph>('x-debug-query-block-graph');
+  const parent = graph.nodes.find((node) => node.name === nodeName);
+  if (!parent) return undefined;
+  const edge = graph.edges.find((e) => e.parent === parent.id && e.name === 'backing');
+  return edge ? graph.nodes.find((node) => node.id === edge.child)?.name : undefined;
+}

@@ -1,0 +1,33 @@
+import type { Command } from 'commander';
+import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
+import { locateImage } from '../storage/registry.ts';
+import { openCatalog, printJson } from './context.ts';
+import { formatColumns } from './format.ts';
+
+/** `snapshift storage list`: which storage system and volume hold each VM disk. */
+export function registerStorageCommands(program: Command): void {
+  const storage = program.command('storage').description('storage systems that hold VM disks');
+  storage
+    .command('list')
+    .description('show, for each disk of each registered VM, the storage system and volume that hold it')
+    .argument('[vm...]', 'only these VMs')
+    .option('--json', 'print the result as JSON')
+    .action(async (vmNames: string[], options: { json?: boolean }, command: Command) => {
+      using catalog = openCatalog(command);
+      const hosts = catalog.listHosts().filter((host) => vmNames.length === 0 || vmNames.includes(host.name));
+      const rows: Array<{ vm: string; disk: string; image: string; system: string | null; volume: string | null; error?: string }> = [];
+      for (const host of hosts) {
+        try {
+          await using qemu = await QemuHost.connect(host, 5_000);
+          for (const disk of await qemu.listDisks()) {
+            const where = await locateImage(disk.imagePath);
+            rows.push({ vm: host.name, disk: disk.name, image: disk.imagePath, system: where?.system.kind ?? null, volume: where?.volume.id ?? null });
+          }
+        } catch (error) {
+          rows.push({ vm: host.name, disk: '-', image: '-', system: null, volume: null, error: (error as Error).message });
+        }
+      }
+      if (options.json) return printJson(rows);
+      console.log(formatColumns(['VM', 'DISK', 'IMAGE', 'SYSTEM', 'VOLUME'], rows.map((row) => [row.vm, row.disk, row.image, row.system ?? (row.error ? `error: ${row.error}` : 'none (regular mode only)'), row.volume ?? '-'])));
+    });
+}

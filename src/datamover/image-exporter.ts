@@ -1,0 +1,72 @@
+import { rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { ChildProcess } from 'node:child_process';
+import { SnapshiftError } from '../core/errors.ts';
+import { start } from '../core/exec.ts';
+import type { DiskExport } from '../hypervisor/hypervisor.ts';
+
+export interface ImageExportOptions {
+  imagePath: string;
+  format: string;
+  /** Folder for the NBD socket. */
+  runDir: string;
+  exportName: string;
+  readyTimeoutMs?: number;
+}
+
+/**
+ * Serves one image read-only over NBD on a unix socket with a qemu-storage-daemon child of ours, for reads
+ * from a storage snapshot. The daemon is ended by its PID when the export is disposed.
+ */
+export async function exportImageReadOnly(options: ImageExportOptions): Promise<DiskExport> {
+  const socketPath = join(options.runDir, `${options.exportName}.nbd.sock`);
+  await rm(socketPath, { force: true });
+  const file = { driver: 'file', filename: options.imagePath, 'read-only': true };
+  const node = options.format === 'raw' ? { ...file, 'node-name': 'image' } : { driver: options.format, 'node-name': 'image', 'read-only': true, file };
+  const daemon = start('qemu-storage-daemon', [
+    '--blockdev',
+    JSON.stringify(node),
+    '--nbd-server',
+    `addr.type=unix,addr.path=${socketPath}`,
+    '--export',
+    `type=nbd,id=export,node-name=image,name=${options.exportName},writable=off`,
+  ]);
+  let stderr = '';
+  daemon.stderr?.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  daemon.stdout?.resume();
+  try {
+    await waitForSocket(socketPath, daemon, options.readyTimeoutMs ?? 10_000, () => stderr);
+  } catch (error) {
+    await stopDaemon(daemon);
+    throw error;
+  }
+  return {
+    socketPath,
+    exportName: options.exportName,
+    async [Symbol.asyncDispose]() {
+      await stopDaemon(daemon);
+      await rm(socketPath, { force: true });
+    },
+  };
+}
+
+async function waitForSocket(socketPath: string, daemon: ChildProcess, timeoutMs: number, stderr: () => string): Promise<void> {
+  const deadline = performance.now() + timeoutMs;
+  while (performance.now() < deadline) {
+    if (daemon.exitCode !== null) {
+      throw new SnapshiftError('IMAGE_EXPORT_FAILED', `qemu-storage-daemon could not serve the image: ${stderr().trim().split('\n').at(-1) ?? `exit ${daemon.exitCode}`}`);
+    }
+    if ((await stat(socketPath).catch(() => undefined))?.isSocket()) return;
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+  throw new SnapshiftError('IMAGE_EXPORT_FAILED', `qemu-storage-daemon did not open ${socketPath} within ${timeoutMs} ms`);
+}
+
+async function stopDaemon(daemon: ChildProcess): Promise<void> {
+  if (daemon.exitCode !== null || daemon.signalCode !== null) return;
+  const exited = new Promise<void>((resolve) => daemon.once('exit', () => resolve()));
+  daemon.kill('SIGTERM');
+  const timer = setTimeout(() => daemon.kill('SIGKILL'), 5_000);
+  await exited;
+  clearTimeout(timer);
+}

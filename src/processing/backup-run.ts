@@ -1,0 +1,120 @@
+import { randomUUID } from 'node:crypto';
+import { mkdirSync } from 'node:fs';
+import type { Catalog, HostRecord } from '../catalog/index.ts';
+import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
+import type { Repository } from '../repository/index.ts';
+import { locateImage, storageSystems } from '../storage/registry.ts';
+import type { StorageSystem } from '../storage/storage-system.ts';
+import { backupVmRegular, type BackupTaskResult, type TaskProgress } from './regular-mode.ts';
+import { huntOverlaysOnHosts, huntVmSnapshots, type HuntAction } from './snapshot-hunter.ts';
+import { huntStorageSnapshots, type StorageHuntAction } from './storage-hunter.ts';
+import { backupGroupFromStorageSnapshots, StorageUnsupported, type StorageGroupInput } from './storage-snapshot-mode.ts';
+
+export type ProcessingMode = 'regular' | 'storage-snapshot';
+
+export interface BackupRunInput {
+  hosts: readonly HostRecord[];
+  mode: ProcessingMode;
+  repository: Repository;
+  catalog: Catalog;
+  runDir: string;
+  failoverToRegular?: boolean;
+  vmsPerStorageSnapshot?: number;
+  systems?: readonly StorageSystem[];
+  onProgress?: (progress: TaskProgress) => void;
+  signal?: AbortSignal;
+  readAhead?: number;
+  maxReadBytesPerSecond?: number;
+  hooks?: StorageGroupInput['hooks'];
+}
+
+export interface VmOutcome {
+  vmName: string;
+  result?: BackupTaskResult & { failoverReason?: string; storageKinds?: string[] };
+  error?: Error;
+}
+
+export interface BackupRunResult {
+  sessionId: string;
+  outcomes: VmOutcome[];
+  storageSnapshotCount: number;
+  hunted: { vmSnapshots: HuntAction[]; storageSnapshots: StorageHuntAction[] };
+}
+
+/**
+ * One backup run over several VMs: hunt leftovers first, then either regular tasks one by one, or groups of
+ * VMs sharing volumes (at most N per storage snapshot) in storage-snapshot mode. A VM whose disks no storage
+ * system can snapshot fails over to regular mode (unless failover is off). One VM's failure never stops others.
+ */
+export async function runBackup(input: BackupRunInput): Promise<BackupRunResult> {
+  const sessionId = randomUUID();
+  mkdirSync(input.runDir, { recursive: true });
+  const systems = input.systems ?? storageSystems();
+  const hunted = {
+    vmSnapshots: [...(await huntVmSnapshots(input.catalog)), ...(await huntOverlaysOnHosts(input.catalog))],
+    storageSnapshots: await huntStorageSnapshots(input.catalog, { systems }),
+  };
+  const failover = input.failoverToRegular ?? true;
+  const outcomes: VmOutcome[] = [];
+  let storageSnapshotCount = 0;
+
+  const runRegular = async (host: HostRecord, failoverReason?: string) => {
+    try {
+      const result = await backupVmRegular({ ...input, host, sessionId, failoverReason, skipHunt: true });
+      outcomes.push({ vmName: host.name, result: { ...result, failoverReason } });
+    } catch (error) {
+      outcomes.push({ vmName: host.name, error: error as Error });
+    }
+  };
+
+  if (input.mode === 'regular') {
+    for (const host of input.hosts) await runRegular(host);
+    return { sessionId, outcomes, storageSnapshotCount, hunted };
+  }
+
+  const { groups, unsupported, failed } = await groupByVolume(input.hosts, systems, input.vmsPerStorageSnapshot ?? 10);
+  outcomes.push(...failed);
+  for (const { host, reason } of unsupported) {
+    if (failover) await runRegular(host, reason);
+    else outcomes.push({ vmName: host.name, error: new StorageUnsupported(`${reason} (failover to regular mode is off; the VM was not touched)`) });
+  }
+  for (const group of groups) {
+    const groupOutcomes = await backupGroupFromStorageSnapshots({ ...input, hosts: group, sessionId, failoverToRegular: failover, systems });
+    if (groupOutcomes.some((outcome) => outcome.result?.stats.mode === 'storage-snapshot')) storageSnapshotCount++;
+    outcomes.push(...groupOutcomes);
+  }
+  return { sessionId, outcomes, storageSnapshotCount, hunted };
+}
+
+/**
+ * Groups VMs whose disks share a volume (so one storage snapshot serves them), at most `maxPerGroup` each.
+ * Listing disks needs a brief QMP connection per VM, closed before the group opens its own.
+ */
+async function groupByVolume(hosts: readonly HostRecord[], systems: readonly StorageSystem[], maxPerGroup: number) {
+  const groupsByKey = new Map<string, HostRecord[]>();
+  const unsupported: Array<{ host: HostRecord; reason: string }> = [];
+  const failed: VmOutcome[] = [];
+  for (const host of hosts) {
+    try {
+      const volumeKeys: string[] = [];
+      {
+        await using qemu = await QemuHost.connect(host);
+        for (const disk of await qemu.listDisks()) {
+          const where = await locateImage(disk.imagePath, systems);
+          if (!where) throw new StorageUnsupported(`disk ${disk.name} (${disk.imagePath}) is on no storage system snapshift can snapshot`);
+          volumeKeys.push(`${where.system.kind}:${where.volume.id}`);
+        }
+      }
+      const key = [...new Set(volumeKeys)].sort().join('|');
+      groupsByKey.set(key, [...(groupsByKey.get(key) ?? []), host]);
+    } catch (error) {
+      if (error instanceof StorageUnsupported) unsupported.push({ host, reason: error.message });
+      else failed.push({ vmName: host.name, error: error as Error });
+    }
+  }
+  const groups: HostRecord[][] = [];
+  for (const members of groupsByKey.values()) {
+    for (let index = 0; index < members.length; index += maxPerGroup) groups.push(members.slice(index, index + maxPerGroup));
+  }
+  return { groups, unsupported, failed };
+}

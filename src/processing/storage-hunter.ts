@@ -1,0 +1,68 @@
+import type { Catalog } from '../catalog/index.ts';
+import { messageOf } from '../core/errors.ts';
+import { locateImage, storageSystems } from '../storage/registry.ts';
+import type { StorageSnapshotInfo, StorageSystem, Volume } from '../storage/storage-system.ts';
+import { ownerIsRunning } from './snapshot-hunter.ts';
+
+export interface StorageHuntAction {
+  kind: string;
+  location: string;
+  action: 'removed' | 'failed';
+  detail: string;
+}
+
+/**
+ * Finds storage snapshots we created that belong to no running task and removes them: those named in ledger
+ * rows whose owner is gone, and any `snapshift-<tag>-…` snapshot on a volume we back up from whose tag is no
+ * live task's. Snapshots without our prefix (a user's own) are never listed, so never touched.
+ */
+export async function huntStorageSnapshots(catalog: Catalog, options: { dryRun?: boolean; systems?: readonly StorageSystem[] } = {}): Promise<StorageHuntAction[]> {
+  const systems = options.systems ?? storageSystems();
+  const ledger = catalog.listStorageSnapshotLedger();
+  const liveTags = new Set(ledger.filter((entry) => ownerIsRunning(entry.ownerPid)).map((entry) => entry.sessionTag));
+  for (const entry of catalog.listVmSnapshotLedger()) if (ownerIsRunning(entry.ownerPid)) liveTags.add(entry.sessionId.slice(0, 8));
+
+  // Volumes to look at: those in the ledger and those holding any disk we have backed up.
+  const volumesBySystem = new Map<StorageSystem, Map<string, Volume>>();
+  const addVolume = (system: StorageSystem, volume: Volume) => {
+    const volumes = volumesBySystem.get(system) ?? new Map<string, Volume>();
+    volumes.set(volume.id, volume);
+    volumesBySystem.set(system, volumes);
+  };
+  for (const entry of ledger) {
+    const system = systems.find((candidate) => candidate.kind === entry.systemKind);
+    if (system) for (const volume of entry.volumes) addVolume(system, volume);
+  }
+  for (const imagePath of catalog.knownImagePaths()) {
+    const where = await locateImage(imagePath, systems).catch(() => undefined);
+    if (where) addVolume(where.system, where.volume);
+  }
+
+  const actions: StorageHuntAction[] = [];
+  const removed = new Set<string>();
+  for (const [system, volumes] of volumesBySystem) {
+    let own: StorageSnapshotInfo[];
+    try {
+      own = await system.listOwnSnapshots([...volumes.values()]);
+    } catch (error) {
+      actions.push({ kind: system.kind, location: [...volumes.keys()].join(', '), action: 'failed', detail: `cannot list snapshots: ${messageOf(error)}` });
+      continue;
+    }
+    for (const snapshot of own) {
+      if (liveTags.has(snapshot.sessionTag) || removed.has(snapshot.location)) continue;
+      try {
+        if (!options.dryRun) await system.removeSnapshot(snapshot);
+        removed.add(snapshot.location);
+        actions.push({ kind: system.kind, location: snapshot.location, action: 'removed', detail: `left by session ${snapshot.sessionTag}, which is no longer running` });
+      } catch (error) {
+        actions.push({ kind: system.kind, location: snapshot.location, action: 'failed', detail: messageOf(error) });
+      }
+    }
+  }
+  if (!options.dryRun) {
+    for (const entry of ledger) {
+      if (!ownerIsRunning(entry.ownerPid) && !actions.some((action) => action.action === 'failed')) catalog.clearLedgerEntry(entry.id);
+    }
+  }
+  return actions;
+}

@@ -1,0 +1,245 @@
+import { join } from 'node:path';
+import type { Catalog, HostRecord } from '../catalog/index.ts';
+import { CleanupStack } from '../core/cleanup-stack.ts';
+import { SnapshiftError, messageOf } from '../core/errors.ts';
+import type { DiskCopyStats } from '../datamover/disk-copier.ts';
+import { exportImageReadOnly } from '../datamover/image-exporter.ts';
+import type { VmDisk, VmSnapshot, VmSnapshotStats } from '../hypervisor/hypervisor.ts';
+import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
+import type { BackupWriter, Repository } from '../repository/index.ts';
+import { locateImage, storageSystems, type LocatedImage } from '../storage/registry.ts';
+import type { StorageSnapshot, StorageSystem, Volume } from '../storage/storage-system.ts';
+import type { BackupTaskResult, TaskProgress } from './regular-mode.ts';
+import { summarizeTask } from './task-stats.ts';
+import { copyVmDisks } from './vm-copy.ts';
+
+export interface StorageGroupInput {
+  hosts: readonly HostRecord[];
+  repository: Repository;
+  catalog: Catalog;
+  runDir: string;
+  sessionId: string;
+  /** Continue in regular mode when the storage snapshot cannot be taken (default on). */
+  failoverToRegular: boolean;
+  systems?: readonly StorageSystem[];
+  onProgress?: (progress: TaskProgress) => void;
+  signal?: AbortSignal;
+  readAhead?: number;
+  maxReadBytesPerSecond?: number;
+  /** Test hooks at the two moments a crash matters most. */
+  hooks?: { afterStorageSnapshot?: () => Promise<void> | void; afterVmSnapshots?: () => Promise<void> | void };
+}
+
+export interface GroupTaskOutcome {
+  vmName: string;
+  result?: BackupTaskResult & { failoverReason?: string; storageKinds: string[] };
+  error?: Error;
+}
+
+/** One VM of the group, as it moves through the steps. */
+interface GroupMember {
+  record: HostRecord;
+  host: QemuHost;
+  disks: VmDisk[];
+  located: LocatedImage[];
+  writer: BackupWriter;
+  vmSnapshot?: VmSnapshot;
+  vmSnapshotStats?: VmSnapshotStats;
+  error?: Error;
+}
+
+/**
+ * Backup from storage snapshots for a group of VMs that share volumes: VM snapshots of all → one storage
+ * snapshot per storage system → commit every VM snapshot at once → copy each VM from the storage snapshot
+ * → remove it. If the storage snapshot fails, each VM goes on in regular mode with its VM snapshot (failover),
+ * or the group fails cleanly with every VM snapshot committed.
+ */
+export async function backupGroupFromStorageSnapshots(input: StorageGroupInput): Promise<GroupTaskOutcome[]> {
+  const started = performance.now();
+  const tag = input.sessionId.slice(0, 8);
+  const systems = input.systems ?? storageSystems();
+  await using cleanup = new CleanupStack();
+  const members: GroupMember[] = [];
+  const outcomes: GroupTaskOutcome[] = [];
+
+  for (const record of input.hosts) {
+    try {
+      const host = cleanup.use(`QMP connection to ${record.name}`, await QemuHost.connect(record));
+      const disks = await host.listDisks();
+      input.catalog.recordDisks(record.name, disks.map((disk) => ({ ...disk })));
+      const located: LocatedImage[] = [];
+      for (const disk of disks) {
+        const where = await locateImage(disk.imagePath, systems);
+        if (!where) throw new StorageUnsupported(`disk ${disk.name} (${disk.imagePath}) is on no storage system snapshift can snapshot`);
+        located.push(where);
+      }
+      const writer = await input.repository.startBackup({ vmName: record.name });
+      cleanup.defer(`abort unfinished restore point of ${record.name}`, async () => {
+        if (!outcomes.some((outcome) => outcome.vmName === record.name && outcome.result)) await writer.abort();
+      });
+      members.push({ record, host, disks, located, writer });
+    } catch (error) {
+      outcomes.push({ vmName: record.name, error: error as Error });
+    }
+  }
+  if (members.length === 0) return outcomes;
+
+  // 1. VM snapshots of the whole group.
+  for (const member of members) {
+    try {
+      member.vmSnapshot = await member.host.snapshot(member.disks, {
+        tag,
+        ledger: {
+          recordIntent: (overlays) =>
+            input.catalog.recordVmSnapshotIntent({ vmName: member.record.name, qmpSocketPath: member.record.qmpSocketPath, ownerPid: process.pid, sessionId: input.sessionId, overlays: [...overlays] }),
+          clear: (id) => input.catalog.clearLedgerEntry(id),
+        },
+      });
+      cleanup.defer(`commit the VM snapshot of ${member.record.name}`, async () => {
+        await member.vmSnapshot!.commit();
+      });
+    } catch (error) {
+      member.error = error as Error;
+    }
+  }
+  await input.hooks?.afterVmSnapshots?.();
+  const snapshotted = members.filter((member) => member.vmSnapshot);
+
+  // 2. One storage snapshot per storage system, taken while every VM snapshot holds its bases still.
+  const storageSnapshots: StorageSnapshot[] = [];
+  let failoverReason: string | undefined;
+  try {
+    for (const system of systems) {
+      const images = snapshotted.flatMap((member) => member.located.filter((where) => where.system === system).map((where) => where.imagePath));
+      if (images.length === 0) continue;
+      const volumes = uniqueVolumes(snapshotted.flatMap((member) => member.located.filter((where) => where.system === system).map((where) => where.volume)));
+      const ledgerId = input.catalog.recordStorageSnapshotIntent({
+        vmNames: snapshotted.map((member) => member.record.name),
+        ownerPid: process.pid,
+        sessionId: input.sessionId,
+        systemKind: system.kind,
+        volumes: volumes.map((volume) => ({ kind: volume.kind, id: volume.id })),
+        sessionTag: tag,
+      });
+      let snapshot: StorageSnapshot;
+      try {
+        snapshot = await system.snapshot(volumes, tag, images);
+      } catch (error) {
+        input.catalog.clearLedgerEntry(ledgerId);
+        throw error;
+      }
+      storageSnapshots.push(snapshot);
+      cleanup.defer(`remove the ${system.kind} storage snapshot`, async () => {
+        await snapshot[Symbol.asyncDispose]();
+        input.catalog.clearLedgerEntry(ledgerId);
+      });
+    }
+  } catch (error) {
+    failoverReason = `storage snapshot failed: ${messageOf(error)}`;
+    if (!input.failoverToRegular) {
+      for (const member of snapshotted) member.error = new SnapshiftError('STORAGE_SNAPSHOT_FAILED', `${failoverReason} (failover to regular mode is off)`, { cause: error });
+    }
+  }
+  await input.hooks?.afterStorageSnapshot?.();
+
+  // 3. With the storage snapshot in hand, the VM snapshots have done their job: commit them now.
+  const useStorage = failoverReason === undefined;
+  if (useStorage || !input.failoverToRegular) {
+    for (const member of snapshotted) {
+      try {
+        member.vmSnapshotStats = await member.vmSnapshot!.commit();
+      } catch (error) {
+        member.error ??= error as Error;
+      }
+    }
+  }
+
+  // 4. Copy each VM: from the storage snapshot, or (failover) from its still-frozen base in regular mode.
+  for (const member of members) {
+    if (member.error) {
+      outcomes.push({ vmName: member.record.name, error: member.error });
+      continue;
+    }
+    const memberStarted = performance.now();
+    const totalBytes = member.disks.reduce((total, disk) => total + disk.virtualSizeBytes, 0);
+    try {
+      const copyOptions = {
+        chunkSizeBytes: input.repository.chunkSizeBytes,
+        readAhead: input.readAhead,
+        maxReadBytesPerSecond: input.maxReadBytesPerSecond,
+        signal: input.signal,
+        onProgress: (processedBytes: number) => input.onProgress?.({ vmName: member.record.name, phase: 'copy', processedBytes, totalBytes }),
+      };
+      let copies: Array<{ name: string; stats: DiskCopyStats }>;
+      if (useStorage) {
+        copies = await copyVmDisks(
+          member.writer,
+          member.disks,
+          (disk, index) =>
+            exportImageReadOnly({
+              imagePath: snapshotHolding(storageSnapshots, disk.imagePath),
+              format: disk.format,
+              runDir: input.runDir,
+              exportName: `snapshift-${tag}-${member.record.name}-${index}`,
+            }),
+          copyOptions,
+        );
+      } else {
+        copies = await copyVmDisks(
+          member.writer,
+          member.disks,
+          (disk, index) => member.host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-${index}`, socketPath: join(input.runDir, `nbd-${tag}-${member.record.name}.sock`) }),
+          copyOptions,
+        );
+        member.vmSnapshotStats = await member.vmSnapshot!.commit();
+      }
+      const storageKinds = [...new Set(member.located.map((where) => where.system.kind))];
+      const storageSnapshotLifetimeMs = useStorage ? Math.max(...storageSnapshots.map((snapshot) => snapshot.lifetimeMs)) : undefined;
+      const mode = useStorage ? 'storage-snapshot' : 'regular';
+      const stats = summarizeTask({
+        mode,
+        durationMs: performance.now() - (members.length === 1 ? started : memberStarted),
+        copies,
+        writer: member.writer.stats,
+        vmSnapshot: member.vmSnapshotStats!,
+        storageSnapshotLifetimeMs,
+      });
+      const restorePoint = await member.writer.commit({
+        mode,
+        sessionId: input.sessionId,
+        storage: storageKinds,
+        failoverReason,
+        disks: member.disks.map((disk) => ({ name: disk.name, format: disk.format, imagePath: disk.imagePath, virtualSizeBytes: disk.virtualSizeBytes })),
+        stats,
+      });
+      input.catalog.addRestorePoint({ id: restorePoint.id, vmName: member.record.name, repositoryPath: input.repository.path, createdAt: restorePoint.createdAt, mode, stats: { ...stats, failoverReason, storageKinds } });
+      outcomes.push({ vmName: member.record.name, result: { restorePoint, stats, recovered: [], failoverReason, storageKinds } });
+    } catch (error) {
+      outcomes.push({ vmName: member.record.name, error: error as Error });
+    }
+  }
+  return outcomes;
+}
+
+/** Raised when a VM's disks are on storage no provider can snapshot: a reason to fail over. */
+export class StorageUnsupported extends SnapshiftError {
+  constructor(message: string) {
+    super('STORAGE_UNSUPPORTED', message);
+  }
+}
+
+function uniqueVolumes(volumes: readonly Volume[]): Volume[] {
+  const byKey = new Map(volumes.map((volume) => [`${volume.kind}:${volume.id}`, volume]));
+  return [...byKey.values()];
+}
+
+function snapshotHolding(snapshots: readonly StorageSnapshot[], imagePath: string): string {
+  for (const snapshot of snapshots) {
+    try {
+      return snapshot.imageAt(imagePath);
+    } catch {
+      // not in this one; try the next system's snapshot
+    }
+  }
+  throw new SnapshiftError('STORAGE_IMAGE_NOT_IN_SNAPSHOT', `${imagePath} is in no storage snapshot of this session`);
+}

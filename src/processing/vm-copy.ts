@@ -1,0 +1,46 @@
+import type { DiskCopyStats } from '../datamover/disk-copier.ts';
+import { copyDisk } from '../datamover/disk-copier.ts';
+import { NbdDiskSource } from '../datamover/nbd-disk-source.ts';
+import { SnapshiftError } from '../core/errors.ts';
+import type { DiskExport, VmDisk } from '../hypervisor/hypervisor.ts';
+import type { BackupWriter } from '../repository/index.ts';
+
+export interface VmCopyOptions {
+  chunkSizeBytes: number;
+  readAhead?: number;
+  maxReadBytesPerSecond?: number;
+  signal?: AbortSignal;
+  onProgress?: (processedBytes: number) => void;
+}
+
+/**
+ * Copies every disk of a VM into the restore point being written, each through the export `exportFor`
+ * opens (the VM's own NBD server, or a daemon reading a storage snapshot). Disks go one after another so
+ * memory stays bounded by one disk's read window.
+ */
+export async function copyVmDisks(
+  writer: BackupWriter,
+  disks: readonly VmDisk[],
+  exportFor: (disk: VmDisk, index: number) => Promise<DiskExport>,
+  options: VmCopyOptions,
+): Promise<Array<{ name: string; stats: DiskCopyStats }>> {
+  const copies: Array<{ name: string; stats: DiskCopyStats }> = [];
+  let doneBefore = 0;
+  for (const [index, disk] of disks.entries()) {
+    await using diskExport = await exportFor(disk, index);
+    await using source = await NbdDiskSource.open(diskExport.socketPath, diskExport.exportName);
+    if (source.sizeBytes !== disk.virtualSizeBytes) {
+      throw new SnapshiftError('DISK_SIZE_MISMATCH', `disk ${disk.name}: the export is ${source.sizeBytes} bytes, QEMU says ${disk.virtualSizeBytes}`);
+    }
+    const stats = await copyDisk(source, writer.addDisk(disk.name, disk.virtualSizeBytes), {
+      chunkSizeBytes: options.chunkSizeBytes,
+      readAhead: options.readAhead,
+      maxReadBytesPerSecond: options.maxReadBytesPerSecond,
+      signal: options.signal,
+      onProgress: (processed) => options.onProgress?.(doneBefore + processed),
+    });
+    doneBefore += disk.virtualSizeBytes;
+    copies.push({ name: disk.name, stats });
+  }
+  return copies;
+}

@@ -1,0 +1,41 @@
+/** What a storage system snapshots as one unit: a btrfs subvolume, an XFS filesystem, an RBD image. */
+export interface Volume {
+  readonly kind: string;
+  /** Stable identity within its system: the subvolume path, the mount point, `pool/image`. */
+  readonly id: string;
+}
+
+/** A snapshot we created, as the hunter sees it. */
+export interface StorageSnapshotInfo {
+  readonly kind: string;
+  /** Where it lives (snapshot path, `pool/image@snap`); enough to remove it. */
+  readonly location: string;
+  /** The session id encoded in its name, so the hunter can tell a running task's snapshot from an orphan. */
+  readonly sessionTag: string;
+}
+
+/** A read-only, point-in-time copy of volumes; removed when disposed. */
+export interface StorageSnapshot extends AsyncDisposable {
+  readonly info: readonly StorageSnapshotInfo[];
+  /** Where `imagePath`, as it was at snapshot time, can be read. */
+  imageAt(imagePath: string): string;
+  readonly createdAt: Date;
+  /** How long the snapshot has lived (until removed, then its final lifetime). */
+  readonly lifetimeMs: number;
+}
+
+/** A storage system that can snapshot the volumes holding VM disks (STYLE.md). */
+export interface StorageSystem {
+  readonly kind: string;
+  /** Which volume of this system holds `imagePath`, or undefined if it is not ours. */
+  locate(imagePath: string): Promise<Volume | undefined>;
+  /** A read-only, point-in-time copy of the volumes (at least of `images` on them), named for our session. */
+  snapshot(volumes: readonly Volume[], sessionTag: string, images: readonly string[]): Promise<StorageSnapshot>;
+  /** Snapshots this system holds that we created, on the volumes given (the hunter's view). */
+  listOwnSnapshots(volumes: readonly Volume[]): Promise<StorageSnapshotInfo[]>;
+  /** Removes one of our snapshots (the hunter's hand). */
+  removeSnapshot(info: StorageSnapshotInfo): Promise<void>;
+}
+
+/** The prefix every storage snapshot we create carries, followed by the session tag. */
+export const snapshotPrefix = 'snapshift-';
