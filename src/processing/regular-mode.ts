@@ -32,8 +32,8 @@ export interface BackupTaskInput {
   failoverReason?: string;
   /** The run already hunted leftovers before its first task. */
   skipHunt?: boolean;
-  /** Test hook: called once the VM snapshot exists and before the copy starts. */
-  afterVmSnapshot?: (overlayPaths: string[]) => Promise<void> | void;
+  /** Called at the moments a crash matters most (tests use them to write, measure or kill). */
+  hooks?: { afterVmSnapshots?: () => Promise<void> | void };
 }
 
 export interface BackupTaskResult {
@@ -90,7 +90,7 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
           clear: (id) => catalog.clearLedgerEntry(id),
         },
       });
-      await input.afterVmSnapshot?.(vmSnapshot.overlays.map((overlay) => overlay.overlayPath));
+      await input.hooks?.afterVmSnapshots?.();
       copies.push(
         ...(await copyVmDisks(
           writer,
