@@ -140,7 +140,6 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
       for (const member of snapshotted) member.error = new SnapshiftError('STORAGE_SNAPSHOT_FAILED', `${failoverReason} (failover to regular mode is off)`, { cause: error });
     }
   }
-  await input.hooks?.afterStorageSnapshot?.();
 
   // 3. With the storage snapshot in hand, the VM snapshots have done their job: commit them now.
   const useStorage = failoverReason === undefined;
@@ -153,6 +152,8 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
       }
     }
   }
+
+  if (useStorage) await input.hooks?.afterStorageSnapshot?.();
 
   // 4. Copy each VM: from the storage snapshot, or (failover) from its still-frozen base in regular mode.
   for (const member of members) {
