@@ -1,0 +1,18 @@
+// The lab's public surface, for tests, the demo and benchmarks (never the product's own path).
+export { Lab, defaultDatastoreSizeBytes } from './lab.ts';
+export type { LabUpOptions, LabDownOptions, LabDownReport, CreateVmOptions, StartVmOptions, LabStatus } from './lab.ts';
+export { LabVm, vmProcessLabel } from './lab-vm.ts';
+export type { GuestStopResult } from './lab-vm.ts';
+export type { Heartbeat, GuestEvent } from './guest-console.ts';
+export { parseGuestConsole } from './guest-console.ts';
+export { LabLayout, datastoreKinds, defaultLabDir, isDatastoreKind } from './lab-layout.ts';
+export type { DatastoreKind } from './lab-layout.ts';
+export type { LabState, DatastoreRecord, ProcessRecord, VmRecord } from './lab-state.ts';
+export { chooseAccelerator, guestBlockNames } from './qemu-guest.ts';
+export type { Accelerator } from './qemu-guest.ts';
+export { isOwnedProcessAlive, endOwnedProcess } from './owned-process.ts';
+export { listLoopDevices, listMounts } from './host-inventory.ts';
+export { parseByteSize, formatByteSize } from './byte-size.ts';
+export { withLab, labFor } from './with-lab.ts';
+export type { TestLabOptions } from './with-lab.ts';
+// The guest-less disk (qemu-storage-daemon + NBD) is re-exported here once ./storage-daemon.ts lands.

@@ -1,0 +1,55 @@
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { after, before } from 'node:test';
+import { Lab, type LabUpOptions } from './lab.ts';
+
+/** The part of node:test's TestContext this helper needs (t.after registers a hook that runs even on failure). */
+export interface AfterHookOwner {
+  after(fn: () => Promise<void> | void): void;
+}
+
+export interface TestLabOptions extends Omit<LabUpOptions, 'dir'> {
+  /** Lab folder; default a fresh temp folder (removed on teardown). */
+  dir?: string;
+}
+
+/** Default for tests: small datastores (sparse anyway), so mkfs and teardown stay fast. */
+const testDatastoreSizeBytes = 1024 ** 3;
+
+/**
+ * For a test file or describe block: brings a lab up in `before` and always takes it down in `after`,
+ * even when a test failed or `before` itself failed half-way. Returns a getter for the lab.
+ *
+ *   const lab = withLab();
+ *   test('…', async () => { const vm = await lab().startVm('vm1'); … });
+ */
+export function withLab(options: TestLabOptions = {}): () => Lab {
+  let lab: Lab | undefined;
+  let dir: string | undefined;
+  before(async () => {
+    dir = options.dir ?? (await fs.mkdtemp(path.join(os.tmpdir(), 'snapshift-lab-')));
+    lab = await Lab.up({ datastoreSizeBytes: testDatastoreSizeBytes, ...options, dir });
+  });
+  after(async () => {
+    if (dir) await tearDown(dir, options.dir === undefined);
+  });
+  return () => {
+    if (!lab) throw new Error('the lab is not up (withLab must be called at the top of a test file or describe block)');
+    return lab;
+  };
+}
+
+/** For one test: brings a lab up now and registers its teardown with `t.after` (runs even on failure). */
+export async function labFor(t: AfterHookOwner, options: TestLabOptions = {}): Promise<Lab> {
+  const dir = options.dir ?? (await fs.mkdtemp(path.join(os.tmpdir(), 'snapshift-lab-')));
+  t.after(() => tearDown(dir, options.dir === undefined));
+  return Lab.up({ datastoreSizeBytes: testDatastoreSizeBytes, ...options, dir });
+}
+
+/** Lab.down from the state file (works even if up failed half-way), then the temp folder if we made it. */
+async function tearDown(dir: string, removeDir: boolean): Promise<void> {
+  await Lab.down(dir);
+  // Lab.down refuses to go past a mount it could not remove, so this rm never reaches into a datastore.
+  if (removeDir) await fs.rm(dir, { recursive: true, force: true });
+}
