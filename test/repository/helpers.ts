@@ -34,16 +34,21 @@ export function mixedDisk(sizeBytes: number, chunkSize: number, seed: number): B
 export async function backup(repository: Repository, vmName: string, disks: Record<string, Buffer>, opts: { base?: string; onlyChunks?: Set<number>; sparseZeros?: boolean } = {}): Promise<RestorePointSummary> {
   const writer = await repository.startBackup({ vmName, baseRestorePointId: opts.base });
   const chunkSize = repository.chunkSizeBytes;
-  for (const [name, data] of Object.entries(disks)) {
-    const disk = writer.addDisk(name, data.length);
-    for (let at = 0, n = 0; at < data.length; at += chunkSize, n++) {
-      if (opts.onlyChunks && !opts.onlyChunks.has(n)) continue;
-      const chunk = Buffer.from(data.subarray(at, Math.min(data.length, at + chunkSize)));
-      if (opts.sparseZeros && chunk.every((b) => b === 0)) await disk.putZero(at, chunk.length);
-      else await disk.putChunk(at, chunk);
+  try {
+    for (const [name, data] of Object.entries(disks)) {
+      const disk = writer.addDisk(name, data.length);
+      for (let at = 0, n = 0; at < data.length; at += chunkSize, n++) {
+        if (opts.onlyChunks && !opts.onlyChunks.has(n)) continue;
+        const chunk = Buffer.from(data.subarray(at, Math.min(data.length, at + chunkSize)));
+        if (opts.sparseZeros && chunk.every((b) => b === 0)) await disk.putZero(at, chunk.length);
+        else await disk.putChunk(at, chunk);
+      }
     }
+    return await writer.commit({ test: true });
+  } catch (error) {
+    await writer.abort();
+    throw error;
   }
-  return writer.commit({ test: true });
 }
 
 export async function restoreAll(repository: Repository, id: string, diskName: string, pieceBytes = 3 * 100_003): Promise<Buffer> {
