@@ -51,6 +51,8 @@ export async function checkRepository(repository: Repository, opts: { readDataPe
   const sampled = new Set(opts.readDataPercent === undefined ? [] : sample(packNos, opts.readDataPercent));
   let chunksVerified = 0;
   let bytesVerified = 0;
+  // One bounded set of verifications across packs, so reading the next pack overlaps verifying this one.
+  const inFlight = new Set<Promise<void>>();
   for (const packNo of packNos) {
     const packId = repository.packIds[packNo]!;
     const name = repository.packPathOf(packNo);
@@ -81,14 +83,13 @@ export async function checkRepository(repository: Repository, opts: { readDataPe
       bytesVerified += storedLength;
       if ('damaged' in opened) damage(opened.damaged);
     };
-    const inFlight = new Set<Promise<void>>();
     for (const chunk of liveChunks) {
       const step = verifyOne(chunk).finally(() => inFlight.delete(step));
       inFlight.add(step);
-      if (inFlight.size >= 2 * repository.workerCount) await Promise.race(inFlight);
+      if (inFlight.size >= 4 * repository.workerCount) await Promise.race(inFlight);
     }
-    await Promise.all(inFlight);
   }
+  await Promise.all(inFlight);
   for (const [packId] of packFiles) warnings.push(`pack data/${packId.slice(0, 2)}/${packId} is in no index (left by an interrupted backup; gc removes it)`);
   const tempFiles = await repository.backend.list('tmp');
   if (tempFiles.length > 0) warnings.push(`${tempFiles.length} temporary file(s) in tmp/ (left by interrupted writes; gc removes them)`);
