@@ -99,6 +99,8 @@ export async function main(args: string[]): Promise<void> {
   try {
     process.stdout.write(`generating ${sizeGiB} GiB of mixed data in ${file} ...\n`);
     await makeDisk(file, sizeBytes);
+    const peakRssMiB = (): number => process.resourceUsage().maxRSS / 1024;
+    const rssAfter: Record<string, number> = { generate: peakRssMiB() };
     await initRepository(repoPath, { password: 'bench', encryption: true, compression: 'zstd:1' });
     await using repository = await openRepository(repoPath, { password: 'bench' });
 
@@ -106,20 +108,24 @@ export async function main(args: string[]): Promise<void> {
     const first = await backupFile(repository, file, sizeBytes);
     const writeMs = performance.now() - started;
     const s = first.stats;
+    rssAfter.write = peakRssMiB();
 
     started = performance.now();
     const reader = await repository.openRestorePoint(first.summary.id);
     let readBytes = 0;
     for (let at = 0; at < sizeBytes; at += 4 * MiB) readBytes += (await reader.read('vda', at, Math.min(4 * MiB, sizeBytes - at))).length;
     const readMs = performance.now() - started;
+    rssAfter.read = peakRssMiB();
 
     const check = await checkRepository(repository, { readDataPercent: 100 });
     if (check.problems.length > 0) throw new Error(`check found problems: ${check.problems[0]!.message}`);
+    rssAfter.check = peakRssMiB();
 
     // gc: a second point that changes the first half of the disk; forget the first point; collect.
     await backupFile(repository, file, sizeBytes, { base: first.summary.id, changeFirstHalf: true });
     await forgetRestorePoints(repository, { keepLast: 1 });
     const gc = await collectGarbage(repository, { safetyWindowMs: 0 });
+    rssAfter.gc = peakRssMiB();
 
     const indexBytesPerChunk = repository.index.memoryBytes / repository.index.size;
     const rssPeakMiB = process.resourceUsage().maxRSS / 1024;
@@ -155,7 +161,7 @@ export async function main(args: string[]): Promise<void> {
       `restore read    ${rate(readBytes, readMs)}  (${(readMs / 1000).toFixed(1)} s)`,
       `check --read-data ${rate(check.bytesVerified, check.durationMs)} of stored data (${(check.durationMs / 1000).toFixed(1)} s, ${check.chunksVerified} chunks)`,
       `gc              ${rate(gc.bytesBefore, gc.durationMs)} of packs (${(gc.durationMs / 1000).toFixed(1)} s; ${gc.packsDeleted} deleted, ${gc.packsRepacked} repacked, ${(gc.bytesBefore / MiB).toFixed(0)} -> ${(gc.bytesAfter / MiB).toFixed(0)} MiB)`,
-      `peak RSS        ${rssPeakMiB.toFixed(0)} MiB`,
+      `peak RSS        ${rssPeakMiB.toFixed(0)} MiB (running peak after ${Object.entries(rssAfter).map(([k, v]) => `${k} ${v.toFixed(0)}`).join(', ')} MiB)`,
       `index           ${indexBytesPerChunk.toFixed(1)} bytes per chunk in memory (${repository.index.size} chunks)`,
       `zero            ${((s.zeroBytes / s.bytesIn) * 100).toFixed(1)}% of the data`,
       `dedup ratio     ${((s.bytesIn - s.zeroBytes) / unique).toFixed(2)}x (non-zero bytes / unique bytes)`,
