@@ -1,10 +1,12 @@
 import type { Command } from 'commander';
 import { registerBackupCommands } from './backup-commands.ts';
 import { registerHostCommands } from './host-commands.ts';
+import { registerRepoCommands } from './repo-commands.ts';
 import { registerStorageCommands } from './storage-commands.ts';
 
 /** Every command family registers itself here; one line per family keeps merges trivial. */
 export function registerCommands(program: Command): void {
+  registerRepoCommands(program);
   registerHostCommands(program);
   registerBackupCommands(program);
   registerStorageCommands(program);

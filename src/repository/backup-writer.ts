@@ -155,8 +155,9 @@ export class BackupWriter {
 
   /** Writes the last pack, the index files and then the manifest; returns the new restore point. */
   async commit(extra: Record<string, unknown> = {}): Promise<RestorePointSummary> {
-    this.#checkUsable();
+    if (this.#finished) throw new SnapshiftError('REPO_WRITER_CLOSED', 'this backup writer has already committed or aborted');
     try {
+      if (this.#failure) throw this.#failure;
       await this.#drain();
       if (this.#failure) throw this.#failure;
       await this.#packWriter.flush();

@@ -13,6 +13,8 @@ export class PackWriter {
   #upload: { packId: string; upload: BackendUpload; blobs: BlobEntry[] } | undefined;
   #chain: Promise<void> = Promise.resolve();
   #sealing: Promise<void> = Promise.resolve();
+  /** The first write failure: every later add and flush rethrows it (and no promise is left unhandled). */
+  #failure: unknown;
   writeBusyMs = 0;
   storedBytes = 0;
 
@@ -27,6 +29,7 @@ export class PackWriter {
   /** Appends one blob; resolves with its place once written (not yet durable: that comes with the seal). */
   add(id: Buffer, pieces: readonly Buffer[], storedLength: number, rawLength: number, compressed: boolean): Promise<{ packId: string; offsetBytes: number }> {
     const step = this.#chain.then(async () => {
+      if (this.#failure) throw this.#failure;
       const started = performance.now();
       if (!this.#upload) {
         const packId = randomBytes(32).toString('hex');
@@ -41,20 +44,24 @@ export class PackWriter {
       if (current.upload.writtenBytes >= this.packTargetBytes) await this.#seal();
       return { packId: current.packId, offsetBytes };
     });
-    this.#chain = step.then(() => undefined);
+    this.#chain = step.then(
+      () => undefined,
+      (error: unknown) => void (this.#failure ??= error),
+    );
     return step;
   }
 
   /** Seals the pack being filled and waits until every pack is durable. */
   async flush(): Promise<void> {
-    this.#chain = this.#chain.then(() => this.#seal());
     await this.#chain;
+    if (this.#failure) throw this.#failure;
+    await this.#seal();
     await this.#sealing;
   }
 
   /** Drops the pack being filled (its temp file goes); sealed packs stay for gc. */
   async abort(): Promise<void> {
-    await this.#chain.catch(() => undefined);
+    await this.#chain;
     await this.#sealing.catch(() => undefined);
     const current = this.#upload;
     this.#upload = undefined;

@@ -1,0 +1,159 @@
+import type { Command } from 'commander';
+import { SnapshiftError } from '../core/errors.ts';
+import { resolvePassword } from './password.ts';
+import {
+  addKey, applyRetention, checkRepository, collectGarbage, forgetRestorePoints, initRepository, listKeys, openRepository,
+  removeKey, repositoryInfo, type Repository, type RetentionPolicy,
+} from '../repository/index.ts';
+import { readFile } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+
+interface RepoOptions {
+  repo?: string;
+  passwordFile?: string;
+  json?: boolean;
+}
+
+function repoPath(opts: RepoOptions): string {
+  const path = opts.repo ?? process.env.SNAPSHIFT_REPOSITORY;
+  if (!path) throw new SnapshiftError('USAGE', 'no repository given: use --repo PATH or set SNAPSHIFT_REPOSITORY');
+  return path;
+}
+
+/** Opens the repository, asking for a password only if it is encrypted. */
+async function open(opts: RepoOptions): Promise<Repository> {
+  const path = repoPath(opts);
+  const config = await readFile(join(resolve(path), 'config'), 'utf8').catch(() => undefined);
+  const unencrypted = config !== undefined && /"encryption":\s*"none"/.test(config);
+  const password = unencrypted || config === undefined ? undefined : await resolvePassword({ passwordFile: opts.passwordFile });
+  return openRepository(path, { password });
+}
+
+function print(opts: RepoOptions, value: unknown, lines: () => string[]): void {
+  process.stdout.write(opts.json ? `${JSON.stringify(value, null, 2)}\n` : lines().map((l) => `${l}\n`).join(''));
+}
+
+function count(name: string): (value: string) => number {
+  return (value) => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < 0) throw new SnapshiftError('USAGE', `${name} needs a whole number, not "${value}"`);
+    return n;
+  };
+}
+
+function parseSize(value: string): number {
+  const match = /^(\d+)([KMG]?)(i?B)?$/i.exec(value.trim());
+  if (!match) throw new SnapshiftError('USAGE', `bad size "${value}" (e.g. 1M, 256K)`);
+  const unit = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 }[match[2]!.toUpperCase() as '' | 'K' | 'M' | 'G'];
+  return Number(match[1]) * unit;
+}
+
+const mib = (bytes: number): string => `${(bytes / 1024 / 1024).toFixed(1)} MiB`;
+
+export function registerRepoCommands(program: Command): void {
+  const withRepo = (command: Command): Command =>
+    command.option('--repo <path>', 'repository (default $SNAPSHIFT_REPOSITORY)').option('--password-file <file>', 'file holding the password (default $SNAPSHIFT_PASSWORD or a prompt)');
+  const repo = program.command('repo').description('create and inspect repositories, manage their passwords');
+
+  repo.command('init <path>')
+    .description('create a repository (encrypted unless --no-encryption)')
+    .option('--password-file <file>', 'file holding the password (default $SNAPSHIFT_PASSWORD or a prompt)')
+    .option('--no-encryption', 'store data unencrypted (only if you really mean it)')
+    .option('--chunk-size <size>', 'chunk size, a power of two from 256K to 8M', '1M')
+    .option('--compression <kind>', 'none, zstd or zstd:N', 'zstd:1')
+    .action(async (path: string, opts: { passwordFile?: string; encryption: boolean; chunkSize: string; compression: string }) => {
+      const password = opts.encryption ? await resolvePassword({ passwordFile: opts.passwordFile, prompt: 'new repository password: ', confirm: true }) : undefined;
+      await initRepository(path, { password, encryption: opts.encryption, chunkSizeBytes: parseSize(opts.chunkSize), compression: opts.compression });
+      process.stdout.write(`created ${opts.encryption ? 'encrypted' : 'UNENCRYPTED'} repository at ${resolve(path)}\n`);
+    });
+
+  withRepo(repo.command('info').description('show a repository\'s format and size').option('--json', 'print JSON')).action(async (opts: RepoOptions) => {
+    await using repository = await open(opts);
+    const info = await repositoryInfo(repository);
+    print(opts, info, () => [
+      `repository ${info.path} (id ${info.id}, format v${info.version})`,
+      `chunk size ${info.chunkSizeBytes / 1024} KiB, compression ${info.compression}, encryption ${info.encryption}`,
+      `${info.restorePoints} restore point(s), ${info.chunks} chunk(s) in ${info.packs} pack(s), ${mib(info.packBytes)}`,
+      `index in memory ${mib(info.indexMemoryBytes)}`,
+    ]);
+  });
+
+  withRepo(repo.command('list').description('list restore points').option('--vm <name>', 'only this VM').option('--json', 'print JSON')).action(async (opts: RepoOptions & { vm?: string }) => {
+    await using repository = await open(opts);
+    const points = await repository.listRestorePoints(opts.vm);
+    print(opts, points, () => points.map((p) => `${p.id.slice(0, 12)}  ${p.createdAt}  ${p.vmName}  ${p.disks.map((d) => `${d.name}:${mib(d.sizeBytes)}`).join(' ')}`));
+  });
+
+  const key = repo.command('key').description('several passwords can open one repository');
+  withRepo(key.command('add').description('add a password (new one from --new-password-file, $SNAPSHIFT_NEW_PASSWORD or a prompt)').option('--new-password-file <file>', 'file holding the new password'))
+    .action(async (opts: RepoOptions & { newPasswordFile?: string }) => {
+      await using repository = await open(opts);
+      const newPassword = await resolvePassword({ passwordFile: opts.newPasswordFile, envName: 'SNAPSHIFT_NEW_PASSWORD', prompt: 'new password: ', confirm: true });
+      const added = await addKey(repository, newPassword);
+      process.stdout.write(`added key ${added.id}\n`);
+    });
+  withRepo(key.command('list').description('list key slots').option('--json', 'print JSON')).action(async (opts: RepoOptions) => {
+    await using repository = await open(opts);
+    const keys = await listKeys(repository);
+    print(opts, keys, () => keys.map((k) => `${k.id}  ${k.createdAt}  ${k.user}@${k.host}  ${k.kdf}`));
+  });
+  withRepo(key.command('remove <id>').description('remove a key slot (not the last one)')).action(async (id: string, opts: RepoOptions) => {
+    await using repository = await open(opts);
+    await removeKey(repository, id);
+    process.stdout.write(`removed key ${id}\n`);
+  });
+
+  withRepo(program.command('check').description('verify a repository; --read-data also decrypts and re-hashes chunks')
+    .option('--read-data [percent]', 'read and verify every chunk, or PERCENT of the packs')
+    .option('--json', 'print JSON'))
+    .action(async (opts: RepoOptions & { readData?: string | boolean }) => {
+      let readDataPercent: number | undefined;
+      if (opts.readData !== undefined && opts.readData !== false) {
+        readDataPercent = opts.readData === true ? 100 : Number(String(opts.readData).replace(/%$/, ''));
+        if (!(readDataPercent > 0 && readDataPercent <= 100)) throw new SnapshiftError('USAGE', `--read-data takes a percentage from 1 to 100, not "${String(opts.readData)}"`);
+      }
+      await using repository = await open(opts);
+      const report = await checkRepository(repository, { readDataPercent });
+      print(opts, report, () => [
+        ...report.problems.map((p) => `error: ${p.message}`),
+        ...report.warnings.map((w) => `warning: ${w}`),
+        `${report.problems.length === 0 ? 'no errors' : `${report.problems.length} error(s)`} in ${report.restorePoints} restore point(s), ${report.packs} pack(s)${readDataPercent ? `; verified ${report.chunksVerified} chunk(s), ${mib(report.bytesVerified)}` : ''}`,
+      ]);
+      if (report.problems.length > 0) throw new SnapshiftError('REPO_CHECK_FAILED', `check found ${report.problems.length} error(s) in repository ${repository.path}`);
+      if (report.warnings.length > 0) process.exitCode = 1;
+    });
+
+  withRepo(program.command('forget').description('forget restore points that the retention policy does not keep (per VM); run gc to free space')
+    .option('--keep-last <n>', 'keep the N newest', count('--keep-last'))
+    .option('--keep-daily <n>', 'keep the newest of each of the last N days', count('--keep-daily'))
+    .option('--keep-weekly <n>', 'keep the newest of each of the last N weeks', count('--keep-weekly'))
+    .option('--keep-monthly <n>', 'keep the newest of each of the last N months', count('--keep-monthly'))
+    .option('--vm <name>', 'only this VM')
+    .option('--dry-run', 'list what would go, change nothing')
+    .option('--json', 'print JSON'))
+    .action(async (opts: RepoOptions & RetentionPolicy & { vm?: string; dryRun?: boolean }) => {
+      const policy: RetentionPolicy = { keepLast: opts.keepLast, keepDaily: opts.keepDaily, keepWeekly: opts.keepWeekly, keepMonthly: opts.keepMonthly };
+      applyRetention([], policy); // a policy that keeps nothing is a usage error before anything opens
+      await using repository = await open(opts);
+      const decisions = await forgetRestorePoints(repository, policy, { vmName: opts.vm, dryRun: opts.dryRun });
+      print(opts, decisions.map((d) => ({ id: d.point.id, vmName: d.point.vmName, createdAt: d.point.createdAt, keep: d.keep, reasons: d.reasons })), () => [
+        ...decisions.map((d) => `${d.keep ? 'keep  ' : opts.dryRun ? 'would remove' : 'remove'} ${d.point.id.slice(0, 12)}  ${d.point.createdAt}  ${d.point.vmName}  ${d.reasons.join(', ')}`),
+        `${decisions.filter((d) => !d.keep).length} restore point(s) ${opts.dryRun ? 'would be' : ''} forgotten; run "snapshift gc" to free their space`,
+      ]);
+    });
+
+  withRepo(program.command('gc').description('delete data no restore point needs and repack mostly-empty packs')
+    .option('--safety-window <minutes>', 'leave unindexed packs younger than this alone', '60')
+    .option('--dry-run', 'report only')
+    .option('--json', 'print JSON'))
+    .action(async (opts: RepoOptions & { safetyWindow: string; dryRun?: boolean }) => {
+      const minutes = Number(opts.safetyWindow);
+      if (!(minutes >= 0)) throw new SnapshiftError('USAGE', `--safety-window needs minutes, not "${opts.safetyWindow}"`);
+      await using repository = await open(opts);
+      const report = await collectGarbage(repository, { safetyWindowMs: minutes * 60_000, dryRun: opts.dryRun });
+      print(opts, report, () => [
+        `${report.packsDeleted} pack(s) deleted, ${report.packsRepacked} repacked into ${report.packsWritten}, ${report.unindexedDeleted} unindexed removed`,
+        `${mib(report.bytesBefore)} -> ${mib(report.bytesAfter)} in ${(report.durationMs / 1000).toFixed(1)} s`,
+      ]);
+    });
+}
