@@ -1,6 +1,9 @@
 import type { Command } from 'commander';
+import { registerDemoCommand } from './demo-command.ts';
+import { registerLabCommands } from './lab-commands.ts';
 
 /** Every command family registers itself here; one line per family keeps merges trivial. */
 export function registerCommands(program: Command): void {
-  void program;
+  registerLabCommands(program);
+  registerDemoCommand(program);
 }
