@@ -1,6 +1,6 @@
 import type { Command } from 'commander';
 import { SnapshiftError } from '../core/errors.ts';
-import { Lab, defaultLabDir, formatByteSize, parseByteSize, type LabStatus } from '../lab/index.ts';
+import { Lab, datastoreKinds, defaultLabDir, isDatastoreKind, formatByteSize, parseByteSize, type LabStatus } from '../lab/index.ts';
 
 interface DirOptions {
   dir: string;
@@ -50,6 +50,8 @@ export function registerLabCommands(program: Command): void {
     .option('--size <size>', 'virtual disk size', '2G')
     .option('--fill <size>', 'random data written at the start of the disk', '600M')
     .action(async (name: string, options: DirOptions & { datastore: string; size: string; fill: string }) => {
+      // Checked before the lab is opened, so a typo gets its own message even without a lab.
+      if (!isDatastoreKind(options.datastore)) throw new SnapshiftError('BAD_ARGUMENT', `unknown datastore "${options.datastore}" (the lab has: ${datastoreKinds.join(', ')})`);
       const started = Date.now();
       const record = await (await Lab.open(options.dir)).createVm(name, {
         datastore: options.datastore,
