@@ -98,6 +98,18 @@ export function registerDemoCommand(program: Command): void {
 async function runDemo(context: DemoContext, keep: boolean): Promise<void> {
   const started = Date.now();
   let failed = false;
+  // Ctrl-C must not leave a guest, mounts and loop devices behind: tear down from the state file, then exit.
+  const onInterrupt = (): void => {
+    console.log('\ninterrupted: taking the lab down');
+    Lab.down(context.options.dir).then(
+      () => process.exit(130),
+      (error: unknown) => {
+        console.error(`snapshift: lab down failed: ${error instanceof Error ? error.message : String(error)}`);
+        process.exit(2);
+      },
+    );
+  };
+  process.once('SIGINT', onInterrupt);
   try {
     for (const [index, step] of demoSteps.entries()) {
       const stepStarted = Date.now();
@@ -109,6 +121,7 @@ async function runDemo(context: DemoContext, keep: boolean): Promise<void> {
     failed = true;
     throw error;
   } finally {
+    process.off('SIGINT', onInterrupt);
     if (keep && !failed) {
       console.log(`kept: lab in ${context.options.dir}, VM "${demoVmName}" running; remove it all with: bin/snapshift lab down --dir ${context.options.dir}`);
     } else {
