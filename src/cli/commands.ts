@@ -1,6 +1,8 @@
 import type { Command } from 'commander';
 import { registerBackupCommands } from './backup-commands.ts';
+import { registerDemoCommand } from './demo-command.ts';
 import { registerHostCommands } from './host-commands.ts';
+import { registerLabCommands } from './lab-commands.ts';
 import { registerRepoCommands } from './repo-commands.ts';
 import { registerStorageCommands } from './storage-commands.ts';
 
@@ -10,4 +12,6 @@ export function registerCommands(program: Command): void {
   registerHostCommands(program);
   registerBackupCommands(program);
   registerStorageCommands(program);
+  registerLabCommands(program);
+  registerDemoCommand(program);
 }

@@ -42,10 +42,9 @@ export async function ensureGuestKernel(cacheDir: string): Promise<GuestKernel> 
   if (cached) return cached;
 
   const started = Date.now();
-  const debianPackage = await resolveImagePackage();
   const work = await fs.mkdtemp(path.join(await mkdirp(kernelDir), 'download-'));
   try {
-    await exec('apt-get', ['download', '-q', debianPackage], { cwd: work, timeoutMs: 600_000, code: 'LAB_KERNEL_DOWNLOAD' });
+    const debianPackage = await downloadImagePackage(work);
     const deb = (await fs.readdir(work)).find((name) => name.endsWith('.deb'));
     if (!deb) throw new SnapshiftError('LAB_KERNEL_DOWNLOAD', `apt-get download ${debianPackage} produced no .deb`);
     const tree = path.join(work, 'x');
@@ -80,6 +79,26 @@ export async function ensureGuestKernel(cacheDir: string): Promise<GuestKernel> 
     return { ...kernel, downloadMs: Date.now() - started };
   } finally {
     await fs.rm(work, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Resolves and downloads the versioned image package into `dir`. On a fresh machine apt's lists may be
+ * missing, or stale after a kernel update (the old .deb is gone from the mirror): then `apt-get update`
+ * once and try again.
+ */
+async function downloadImagePackage(dir: string): Promise<string> {
+  const attempt = async (): Promise<string> => {
+    const debianPackage = await resolveImagePackage();
+    await exec('apt-get', ['download', '-q', debianPackage], { cwd: dir, timeoutMs: 600_000, code: 'LAB_KERNEL_DOWNLOAD' });
+    return debianPackage;
+  };
+  try {
+    return await attempt();
+  } catch (error) {
+    if (process.getuid?.() !== 0) throw error;
+    await exec('apt-get', ['update', '-qq'], { timeoutMs: 600_000, code: 'LAB_KERNEL_DOWNLOAD' });
+    return attempt();
   }
 }
 

@@ -13,6 +13,6 @@ export type { Accelerator } from './qemu-guest.ts';
 export { isOwnedProcessAlive, endOwnedProcess } from './owned-process.ts';
 export { listLoopDevices, listMounts } from './host-inventory.ts';
 export { parseByteSize, formatByteSize } from './byte-size.ts';
-export { withLab, labFor } from './with-lab.ts';
+export { withLab, labFor, useSharedTestCache } from './with-lab.ts';
 export type { TestLabOptions } from './with-lab.ts';
 // The guest-less disk (qemu-storage-daemon + NBD) is re-exported here once ./storage-daemon.ts lands.

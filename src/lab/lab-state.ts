@@ -139,3 +139,44 @@ function number(value: unknown, what: string): number {
   if (typeof value !== 'number' || !Number.isFinite(value)) throw new Error(`${what} is not a number`);
   return value;
 }
+
+/**
+ * Runs `fn` holding `<state file>.lock`, so two snapshift processes changing one lab (say two
+ * `lab vm start` at once) cannot lose each other's records. The lock file holds the holder's PID; a lock
+ * whose holder is gone (crashed) is taken over.
+ */
+export async function withStateLock<T>(stateFile: string, fn: () => Promise<T>, timeoutMs = 30_000): Promise<T> {
+  const lockFile = `${stateFile}.lock`;
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      const handle = await fs.open(lockFile, 'wx');
+      await handle.writeFile(String(process.pid));
+      await handle.close();
+      break;
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
+      const holder = Number(await fs.readFile(lockFile, 'utf8').catch(() => ''));
+      if (holder > 0 && !isAlive(holder)) {
+        await fs.rm(lockFile, { force: true });
+        continue;
+      }
+      if (Date.now() >= deadline) throw new SnapshiftError('LAB_LOCKED', `the lab state ${stateFile} is locked by process ${holder || '?'} for over ${timeoutMs} ms`);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  }
+  try {
+    return await fn();
+  } finally {
+    await fs.rm(lockFile, { force: true });
+  }
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

@@ -9,7 +9,7 @@ import { isMounted } from './host-inventory.ts';
 import { createDatastore, removeDatastore } from './lab-datastore.ts';
 import { LabLayout, datastoreKinds, defaultLabDir, isDatastoreKind, type DatastoreKind } from './lab-layout.ts';
 import { checkLabHost } from './lab-preflight.ts';
-import { emptyLabState, readLabState, writeLabState, type DatastoreRecord, type LabState, type ProcessRecord, type VmRecord } from './lab-state.ts';
+import { emptyLabState, readLabState, withStateLock, writeLabState, type DatastoreRecord, type LabState, type ProcessRecord, type VmRecord } from './lab-state.ts';
 import { LabVm, vmProcessLabel } from './lab-vm.ts';
 import { endOwnedProcess, isOwnedProcessAlive, sleep } from './owned-process.ts';
 import { chooseAccelerator, guestQemuArgs, guestRunFiles, launchGuestQemu, qemuProgram, type Accelerator } from './qemu-guest.ts';
@@ -166,6 +166,7 @@ export class Lab implements AsyncDisposable {
     for (const emptyDir of [path.join(layout.dir, 'mnt'), path.join(layout.dir, 'images')]) await fs.rmdir(emptyDir).catch(() => undefined);
     if (options.purgeCache) await fs.rm(path.join(layout.dir, 'cache'), { recursive: true, force: true });
     await fs.rm(layout.stateFile, { force: true });
+    await fs.rm(`${layout.stateFile}.lock`, { force: true });
     await fs.rmdir(layout.dir).catch(() => undefined);
     return report;
   }
@@ -335,12 +336,14 @@ export class Lab implements AsyncDisposable {
   async #update(change: (state: LabState) => void): Promise<void> {
     const file = this.layout.stateFile;
     const previous = updateQueues.get(file) ?? Promise.resolve();
-    const next = previous.catch(() => undefined).then(async () => {
-      const state = await readLabState(file);
-      if (!state) throw notUp(this.dir);
-      change(state);
-      await writeLabState(file, state);
-    });
+    const next = previous.catch(() => undefined).then(() =>
+      withStateLock(file, async () => {
+        const state = await readLabState(file);
+        if (!state) throw notUp(this.dir);
+        change(state);
+        await writeLabState(file, state);
+      }),
+    );
     updateQueues.set(file, next);
     try {
       await next;

@@ -18,6 +18,15 @@ export interface TestLabOptions extends Omit<LabUpOptions, 'dir'> {
 const testDatastoreSizeBytes = 1024 ** 3;
 
 /**
+ * Tests share one guest-kernel cache (unless SNAPSHIFT_LAB_CACHE says otherwise), so the kernel is
+ * downloaded once per machine, not once per lab. Child processes (CLI runs) inherit it through the env.
+ */
+export function useSharedTestCache(): string {
+  process.env['SNAPSHIFT_LAB_CACHE'] ??= path.join(os.tmpdir(), 'snapshift-lab-cache');
+  return process.env['SNAPSHIFT_LAB_CACHE'];
+}
+
+/**
  * For a test file or describe block: brings a lab up in `before` and always takes it down in `after`,
  * even when a test failed or `before` itself failed half-way. Returns a getter for the lab.
  *
@@ -28,6 +37,7 @@ export function withLab(options: TestLabOptions = {}): () => Lab {
   let lab: Lab | undefined;
   let dir: string | undefined;
   before(async () => {
+    useSharedTestCache();
     dir = options.dir ?? (await fs.mkdtemp(path.join(os.tmpdir(), 'snapshift-lab-')));
     lab = await Lab.up({ datastoreSizeBytes: testDatastoreSizeBytes, ...options, dir });
   });
@@ -42,6 +52,7 @@ export function withLab(options: TestLabOptions = {}): () => Lab {
 
 /** For one test: brings a lab up now and registers its teardown with `t.after` (runs even on failure). */
 export async function labFor(t: AfterHookOwner, options: TestLabOptions = {}): Promise<Lab> {
+  useSharedTestCache();
   const dir = options.dir ?? (await fs.mkdtemp(path.join(os.tmpdir(), 'snapshift-lab-')));
   t.after(() => tearDown(dir, options.dir === undefined));
   return Lab.up({ datastoreSizeBytes: testDatastoreSizeBytes, ...options, dir });

@@ -1,0 +1,132 @@
+import type { Command } from 'commander';
+import { SnapshiftError } from '../core/errors.ts';
+import { Lab, datastoreKinds, defaultLabDir, isDatastoreKind, formatByteSize, parseByteSize, type LabStatus } from '../lab/index.ts';
+
+interface DirOptions {
+  dir: string;
+}
+
+/** `snapshift lab …`: the built-in lab of loop-mounted datastores and tiny real guests. */
+export function registerLabCommands(program: Command): void {
+  const lab = program.command('lab').description('the built-in lab: btrfs and XFS datastores on loop files, tiny real Linux guests that write steadily');
+
+  withDir(lab.command('up'))
+    .description('create the lab: btrfs and XFS (reflink) datastores on sparse loop files, mounted under the lab folder (needs root)')
+    .option('--size <size>', 'size of each sparse datastore file', '4G')
+    .action(async (options: DirOptions & { size: string }) => {
+      const started = Date.now();
+      const upLab = await Lab.up({ dir: options.dir, datastoreSizeBytes: parseByteSize(options.size, '--size') });
+      const status = await upLab.status();
+      for (const datastore of status.datastores) {
+        console.log(`${datastore.kind.padEnd(5)} ${datastore.loopDevice ?? '?'} on ${datastore.mountPoint} (${formatByteSize(datastore.sizeBytes)} sparse); VM disks in ${datastore.vmDisksDir}`);
+      }
+      console.log(`lab up in ${status.dir} (${Date.now() - started} ms)`);
+    });
+
+  withDir(lab.command('down'))
+    .description('remove everything the lab made (processes, mounts, loop devices, files), from its state file alone')
+    .option('--purge-cache', 'also remove the cached guest kernel in <lab>/cache')
+    .action(async (options: DirOptions & { purgeCache?: boolean }) => {
+      const started = Date.now();
+      const report = await Lab.down(options.dir, { purgeCache: options.purgeCache === true });
+      if (!report.wasUp) console.log(`no lab in ${report.dir}; nothing to do`);
+      else console.log(`lab down in ${report.dir}: ended ${report.endedPids.length} process(es), removed datastores ${report.removedDatastores.join(', ') || 'none'} (${Date.now() - started} ms)`);
+    });
+
+  withDir(lab.command('status'))
+    .description('show the lab: datastores, VMs, processes')
+    .option('--json', 'print one JSON document')
+    .action(async (options: DirOptions & { json?: boolean }) => {
+      const status = await (await labIfAny(options.dir)).status();
+      if (options.json) return printJson(status);
+      printStatus(status);
+    });
+
+  const vm = lab.command('vm').description('lab VMs: a qcow2 disk on a datastore and a tiny guest writing to it');
+
+  withDir(vm.command('create <name>'))
+    .description('create a VM disk (qcow2) on a datastore: FILL of random data at the start, the rest sparse')
+    .requiredOption('--datastore <kind>', 'btrfs or xfs')
+    .option('--size <size>', 'virtual disk size', '2G')
+    .option('--fill <size>', 'random data written at the start of the disk', '600M')
+    .action(async (name: string, options: DirOptions & { datastore: string; size: string; fill: string }) => {
+      // Checked before the lab is opened, so a typo gets its own message even without a lab.
+      if (!isDatastoreKind(options.datastore)) throw new SnapshiftError('BAD_ARGUMENT', `unknown datastore "${options.datastore}" (the lab has: ${datastoreKinds.join(', ')})`);
+      const started = Date.now();
+      const record = await (await Lab.open(options.dir)).createVm(name, {
+        datastore: options.datastore,
+        sizeBytes: parseByteSize(options.size, '--size'),
+        fillBytes: parseByteSize(options.fill, '--fill'),
+      });
+      console.log(`VM ${record.name}: ${record.diskPath} (${formatByteSize(record.sizeBytes)}, ${formatByteSize(record.fillBytes)} random data) (${Date.now() - started} ms)`);
+    });
+
+  withDir(vm.command('start <name>'))
+    .description('boot the VM\'s guest; returns once it writes (QEMU keeps running until stop, kill or lab down)')
+    .option('--rate <MiBps>', 'steady write rate of the guest, MiB/s', '4')
+    .action(async (name: string, options: DirOptions & { rate: string }) => {
+      const rateMiBps = Number(options.rate);
+      if (!Number.isInteger(rateMiBps) || rateMiBps < 0) throw new SnapshiftError('BAD_ARGUMENT', `--rate ${options.rate} must be a whole number of MiB/s`);
+      const handle = await (await Lab.open(options.dir)).startVm(name, { rateMiBps });
+      console.log(`VM ${name} running: pid ${handle.pid}, writing ${rateMiBps} MiB/s; reached its workload in ${handle.bootMs} ms`);
+      console.log(`QMP ${handle.qmpSocketPath}; console ${handle.consoleLogPath}; block nodes ${handle.blockNames.fileNode} / ${handle.blockNames.formatNode}, qdev ${handle.blockNames.qdevId}`);
+    });
+
+  withDir(vm.command('stop <name>'))
+    .description('stop the guest\'s workload; it prints the md5 of its whole disk and powers off')
+    .option('--json', 'print one JSON document')
+    .action(async (name: string, options: DirOptions & { json?: boolean }) => {
+      const result = await (await runningVm(options.dir, name)).stop();
+      if (options.json) return printJson({ name, ...result });
+      console.log(`VM ${name} stopped after ${result.writes} writes (${result.writtenMiB} MiB); disk md5 ${result.md5}`);
+    });
+
+  withDir(vm.command('kill <name>'))
+    .description('kill the VM\'s QEMU at once (like pulling the plug)')
+    .action(async (name: string, options: DirOptions) => {
+      const handle = await runningVm(options.dir, name);
+      await handle.kill();
+      console.log(`VM ${name} killed (pid ${handle.pid})`);
+    });
+
+  withDir(vm.command('list'))
+    .description('list the lab\'s VMs')
+    .option('--json', 'print one JSON document')
+    .action(async (options: DirOptions & { json?: boolean }) => {
+      const { vms } = await (await Lab.open(options.dir)).status();
+      if (options.json) return printJson(vms);
+      if (vms.length === 0) console.log('no VMs (create one with "snapshift lab vm create NAME --datastore btrfs")');
+      for (const v of vms) console.log(`${v.name.padEnd(12)} ${v.running ? `running (pid ${v.pid})` : 'stopped'.padEnd(20)} ${v.datastore.padEnd(5)} ${formatByteSize(v.sizeBytes).padEnd(8)} ${v.diskPath}`);
+    });
+}
+
+function withDir(command: Command): Command {
+  return command.option('--dir <dir>', 'lab folder', defaultLabDir);
+}
+
+/** `lab status` answers "not up" rather than failing when there is no lab. */
+async function labIfAny(dir: string): Promise<Pick<Lab, 'status'>> {
+  try {
+    return await Lab.open(dir);
+  } catch (error) {
+    if (error instanceof SnapshiftError && error.code === 'LAB_NOT_UP') return { status: async () => ({ dir, up: false, datastores: [], vms: [], processes: [] }) };
+    throw error;
+  }
+}
+
+async function runningVm(dir: string, name: string) {
+  const handle = await (await Lab.open(dir)).runningVm(name);
+  if (!handle) throw new SnapshiftError('LAB_VM_NOT_RUNNING', `lab VM ${name} is not running`);
+  return handle;
+}
+
+function printStatus(status: LabStatus): void {
+  console.log(`lab ${status.dir}: ${status.up ? 'up' : status.datastores.length > 0 ? 'half up (run lab down)' : 'not up'}`);
+  for (const d of status.datastores) console.log(`  datastore ${d.kind.padEnd(5)} ${d.loopDevice ?? '-'} on ${d.mountPoint} ${d.mounted ? 'mounted' : 'NOT MOUNTED'}`);
+  for (const v of status.vms) console.log(`  vm ${v.name.padEnd(12)} ${v.running ? `running (pid ${v.pid})` : 'stopped'} on ${v.datastore}: ${v.diskPath}`);
+  for (const p of status.processes.filter((p) => !p.label.startsWith('vm:'))) console.log(`  process ${p.label} pid ${p.pid} ${p.running ? 'running' : 'gone'}`);
+}
+
+function printJson(value: unknown): void {
+  process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+}
