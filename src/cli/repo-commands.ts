@@ -1,6 +1,7 @@
 import type { Command } from 'commander';
 import { SnapshiftError } from '../core/errors.ts';
 import { resolvePassword } from './password.ts';
+import { openRepositoryAt } from './repository-access.ts';
 import {
   addKey, applyRetention, checkRepository, collectGarbage, forgetRestorePoints, initRepository, listKeys, openRepository,
   removeKey, repositoryInfo, type Repository, type RetentionPolicy,
@@ -22,11 +23,7 @@ function repoPath(opts: RepoOptions): string {
 
 /** Opens the repository, asking for a password only if it is encrypted. */
 async function open(opts: RepoOptions): Promise<Repository> {
-  const path = repoPath(opts);
-  const config = await readFile(join(resolve(path), 'config'), 'utf8').catch(() => undefined);
-  const unencrypted = config !== undefined && /"encryption":\s*"none"/.test(config);
-  const password = unencrypted || config === undefined ? undefined : await resolvePassword({ passwordFile: opts.passwordFile });
-  return openRepository(path, { password });
+  return openRepositoryAt(repoPath(opts), opts.passwordFile);
 }
 
 function print(opts: RepoOptions, value: unknown, lines: () => string[]): void {

@@ -1,4 +1,5 @@
-import { resolve } from 'node:path';
+import { readFile } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import type { Catalog } from '../catalog/index.ts';
 import { SnapshiftError } from '../core/errors.ts';
@@ -24,6 +25,14 @@ export function repositoryOption(command: Command): Command {
 export async function openRepositoryForCli(options: RepositoryCliOptions, catalog: Catalog, vmName?: string): Promise<Repository> {
   const path = options.repo ?? process.env.SNAPSHIFT_REPOSITORY ?? (vmName ? catalog.lastRepositoryOf(vmName) : undefined);
   if (!path) throw new SnapshiftError('USAGE', 'no repository given: pass --repo PATH or set SNAPSHIFT_REPOSITORY');
+  return openRepositoryAt(path, options.passwordFile);
+}
+
+/** Opens the repository at `path`, asking for a password only if it is encrypted. */
+export async function openRepositoryAt(path: string, passwordFile?: string): Promise<Repository> {
   const absolute = resolve(path);
-  return openRepository(absolute, { password: await resolvePassword({ passwordFile: options.passwordFile, repositoryPath: absolute }) });
+  const config = await readFile(join(absolute, 'config'), 'utf8').catch(() => undefined);
+  const unencrypted = config !== undefined && /"encryption":\s*"none"/.test(config);
+  const password = unencrypted || config === undefined ? undefined : await resolvePassword({ passwordFile });
+  return openRepository(absolute, { password });
 }

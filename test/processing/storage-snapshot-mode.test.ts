@@ -32,7 +32,6 @@ async function ownSnapshotsOn(mountPoint: string): Promise<string[]> {
 }
 
 describe('backup from storage snapshots (btrfs, XFS), guest-less', () => {
-  const lab = withLab();
   let workspace: Awaited<ReturnType<typeof makeWorkspace>>;
   let catalog: Catalog;
   let repository: Repository;
@@ -48,7 +47,7 @@ describe('backup from storage snapshots (btrfs, XFS), guest-less', () => {
     const daemon = await StorageDaemon.start({ dir: runDir, images: [{ path: imagePath, format: 'qcow2', nodeName: 'disk0' }] });
     daemons.push(daemon);
     await guestWrite(daemon, 0, randomBytes(4 * MiB));
-    await guestWrite(daemon, 17 * MiB, randomBytes(MiB));
+    await guestWrite(daemon, sizeBytes - 3 * MiB, randomBytes(MiB));
     catalog.addHost({ name, kind: 'qemu', qmpSocketPath: daemon.qmpSocketPath, nbdSocketPath: daemon.nbdSocketPath });
     return { daemon, imagePath };
   }
@@ -78,6 +77,8 @@ describe('backup from storage snapshots (btrfs, XFS), guest-less', () => {
     catalog?.close();
     await workspace?.cleanup();
   });
+  // Registered after our own `after`, so the daemons holding files on the datastores are gone before it runs.
+  const lab = withLab();
 
   for (const kind of ['btrfs', 'xfs'] as const) {
     test(`${kind}: the VM snapshot lives well under a second, the restore equals the point in time, nothing is left`, async () => {
