@@ -31,6 +31,15 @@ export interface NbdConnectOptions {
 const defaultMaxRequestBytes = 256 * 1024;
 /** Below this many payload bytes left, reading into the scratch buffer (several replies at once) wins. */
 const directReadMinBytes = 64 * 1024;
+export interface ReadOptions {
+  /**
+   * NBD_CMD_FLAG_DF: the server answers with one data chunk, holes included as zeros. Besides, qemu
+   * 7.2's server reports a read error as an error reply only then; on a fragmented (sparse) read it
+   * drops the connection instead, which we surface as NBD_DISCONNECTED.
+   */
+  dontFragment?: boolean;
+}
+
 /** Block status requests ask for at most this much (aligned; the request length field is 32 bits). */
 const defaultMaxBlockStatusBytes = 2 ** 31;
 
@@ -159,21 +168,22 @@ export class NbdClient implements AsyncDisposable {
   }
 
   /** Reads `lengthBytes` at `offsetBytes`; holes come back as zeros. */
-  async read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
+  async read(offsetBytes: number, lengthBytes: number, options: ReadOptions = {}): Promise<Buffer> {
     const target = Buffer.allocUnsafe(lengthBytes);
-    await this.readInto(offsetBytes, target);
+    await this.readInto(offsetBytes, target, options);
     return target;
   }
 
   /** Reads `target.length` bytes at `offsetBytes` into `target` (a caller-owned, reusable buffer). */
-  async readInto(offsetBytes: number, target: Buffer): Promise<void> {
+  async readInto(offsetBytes: number, target: Buffer, options: ReadOptions = {}): Promise<void> {
     this.#checkRange(offsetBytes, target.length);
+    const flags = options.dontFragment ? commandFlag.df : 0;
     const max = this.#maxRequestBytes;
-    if (target.length <= max) return this.#send(command.read, offsetBytes, target.length, { target });
+    if (target.length <= max) return this.#send(command.read, offsetBytes, target.length, { target, flags });
     const parts: Promise<void>[] = [];
     for (let at = 0; at < target.length; at += max) {
       const length = Math.min(max, target.length - at);
-      parts.push(this.#send(command.read, offsetBytes + at, length, { target: target.subarray(at, at + length) }));
+      parts.push(this.#send(command.read, offsetBytes + at, length, { target: target.subarray(at, at + length), flags }));
     }
     await Promise.all(parts);
   }
