@@ -9,11 +9,12 @@ export interface Region {
 }
 
 /**
- * Regions that hold data, from `base:allocation` extents: neither a hole nor known to read as zeros
- * (NBD spec, "base:allocation" context: NBD_STATE_HOLE = 1, NBD_STATE_ZERO = 2). Neighbours merge.
+ * Regions that must be read, from `base:allocation` extents: all but those known to read as zeros
+ * (NBD spec, "base:allocation": NBD_STATE_ZERO = 2 promises zeros; NBD_STATE_HOLE = 1 alone only says
+ * "unallocated" and its bytes may be anything, so such a hole is read). Neighbours merge.
  */
 export function dataRegions(allocationExtents: Iterable<Extent>): Region[] {
-  return selectRegions(allocationExtents, (flags) => (flags & (allocationFlag.hole | allocationFlag.zero)) === 0);
+  return selectRegions(allocationExtents, isData);
 }
 
 /** Regions a dirty bitmap marks changed, from `qemu:dirty-bitmap:NAME` extents (flag 1 = dirty). */
@@ -23,7 +24,7 @@ export function dirtyRegions(bitmapExtents: Iterable<Extent>): Region[] {
 
 /** Async form of `dataRegions`/`dirtyRegions` for `NbdClient.extents()`, without holding all extents. */
 export async function collectRegions(extents: AsyncIterable<Extent>, kind: 'data' | 'dirty'): Promise<Region[]> {
-  const keep = kind === 'data' ? (flags: number) => (flags & (allocationFlag.hole | allocationFlag.zero)) === 0 : (flags: number) => (flags & dirtyFlag) !== 0;
+  const keep = kind === 'data' ? isData : (flags: number) => (flags & dirtyFlag) !== 0;
   const regions: Region[] = [];
   for await (const extent of extents) if (keep(extent.flags)) appendMerged(regions, extent.offset, extent.length);
   return regions;
@@ -54,6 +55,10 @@ export function regionBytes(regions: Iterable<Region>): number {
   let total = 0;
   for (const region of regions) total += region.length;
   return total;
+}
+
+function isData(flags: number): boolean {
+  return (flags & allocationFlag.zero) === 0;
 }
 
 function selectRegions(extents: Iterable<Extent>, keep: (flags: number) => boolean): Region[] {
