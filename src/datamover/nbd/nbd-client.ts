@@ -193,12 +193,11 @@ export class NbdClient implements AsyncDisposable {
     if (this.readOnly) throw new SnapshiftError('NBD_READ_ONLY', `${this.#where} export is read-only`);
     this.#checkRange(offsetBytes, data.length);
     const flags = options.fua && (this.transmissionFlags & transmissionFlag.sendFua) !== 0 ? commandFlag.fua : 0;
-    const max = this.#negotiated.maxPayloadBytes;
+    const max = this.#maxRequestBytes;
     const parts: Promise<void>[] = [];
-    for (let at = 0; at < data.length || (at === 0 && data.length === 0); at += max) {
+    for (let at = 0; at < data.length; at += max) {
       const length = Math.min(max, data.length - at);
       parts.push(this.#send(command.write, offsetBytes + at, length, { payload: data.subarray(at, at + length), flags }));
-      if (data.length === 0) break;
     }
     await Promise.all(parts);
   }
