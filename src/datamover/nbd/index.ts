@@ -1,2 +1,2 @@
-export { NbdClient, type NbdConnectOptions, type Extent } from './nbd-client.ts';
+export { NbdClient, type NbdConnectOptions, type ReadOptions, type Extent } from './nbd-client.ts';
 export { allocationFlag, dirtyFlag, transmissionFlag } from './nbd-protocol.ts';

@@ -49,8 +49,9 @@ const maxPayloadChunkBytes = 64 * 1024 * 1024;
 /**
  * The one reader of a transmission-phase stream: turns bytes into simple and structured replies
  * (NBD spec: "Transmission", "Structured reply chunk message types") and settles requests by cookie.
- * Data is copied once, from the socket's read buffer straight into the request's target; nothing is
- * kept of a fed buffer after `feed` returns, so the caller may reuse it.
+ * Data reaches the request's target either by one copy from the fed buffer or, for large payloads, by
+ * the socket reading into the target directly (`directReadTarget`). Nothing of a fed buffer is kept
+ * after `feed` returns, so the caller may reuse it.
  */
 export class NbdReplyParser {
   readonly #lookup: (cookie: number) => InFlightRequest | undefined;
@@ -126,6 +127,22 @@ export class NbdReplyParser {
         }
       }
     }
+  }
+
+  /**
+   * Inside a large data payload: the view of the request's target where the next bytes belong, so the
+   * socket can read straight into it (one copy fewer). Undefined elsewhere.
+   */
+  directReadTarget(minBytes: number): Buffer | undefined {
+    if (this.#state !== State.Data || this.#dataLeft < minBytes) return undefined;
+    return this.#dataTarget!.subarray(this.#dataPos, this.#dataPos + this.#dataLeft);
+  }
+
+  /** Accounts for `length` bytes the socket wrote into the view `directReadTarget` returned. */
+  advanceDirect(length: number): void {
+    this.#dataPos += length;
+    this.#dataLeft -= length;
+    if (this.#dataLeft === 0) this.#endData();
   }
 
   #onHeader(): void {

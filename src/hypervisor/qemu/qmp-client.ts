@@ -122,12 +122,13 @@ export class QmpClient extends EventEmitter implements AsyncDisposable {
 
   /**
    * Resolves with the first event `name` (matching `predicate`) that arrives from now on. Call it before
-   * the command that causes the event and await it afterwards.
+   * the command that causes the event and await it afterwards. A waiter that is never awaited rejects
+   * silently (timeout or disconnect), so an early failure of the command needs no extra handling.
    */
   waitForEvent(name: string, predicate: (event: QmpEvent) => boolean = () => true, options: QmpCommandOptions = {}): Promise<QmpEvent> {
     if (this.#closed) return Promise.reject(this.#disconnectedError(`waiting for event ${name}`));
     const timeoutMs = options.timeoutMs ?? defaultCommandTimeoutMs;
-    return new Promise<QmpEvent>((resolve, reject) => {
+    const arrival = new Promise<QmpEvent>((resolve, reject) => {
       const waiter: EventWaiter = {
         name,
         predicate,
@@ -140,6 +141,10 @@ export class QmpClient extends EventEmitter implements AsyncDisposable {
       };
       this.#waiters.push(waiter);
     });
+    // Armed waiters are often awaited late or not at all (the command failed first): a rejection
+    // meanwhile must not count as unhandled. Awaiting `arrival` still throws.
+    arrival.catch(() => undefined);
+    return arrival;
   }
 
   /** Closes the connection; pending commands and waiters reject with QMP_DISCONNECTED. */
