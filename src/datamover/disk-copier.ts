@@ -1,6 +1,7 @@
 import type { DiskWriter } from '../repository/index.ts';
 import { BusyClock } from './busy-clock.ts';
-import { roundToChunks, type DiskSource } from './disk-source.ts';
+import type { DiskSource } from './disk-source.ts';
+import { alignRegions } from './extent-map.ts';
 
 export interface DiskCopyOptions {
   chunkSizeBytes: number;
@@ -35,7 +36,7 @@ export async function copyDisk(source: DiskSource, writer: DiskWriter, options: 
   const readAhead = Math.max(1, options.readAhead ?? 8);
   const sourceClock = new BusyClock();
   const stats: DiskCopyStats = { sizeBytes: source.sizeBytes, bytesRead: 0, zeroBytes: 0, sourceBusyMs: 0, writerWaitMs: 0, durationMs: 0 };
-  const regions = roundToChunks(await sourceClock.time(() => source.dataRegions()), chunkBytes, source.sizeBytes);
+  const regions = alignRegions(await sourceClock.time(() => source.dataRegions()), chunkBytes, source.sizeBytes);
   const throttle = options.maxReadBytesPerSecond ? new Throttle(options.maxReadBytesPerSecond) : undefined;
   let processed = 0;
 
