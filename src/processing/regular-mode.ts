@@ -8,7 +8,7 @@ import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
 import type { Repository, RestorePointSummary } from '../repository/index.ts';
 import { huntVmSnapshots, type HuntAction } from './snapshot-hunter.ts';
 import { summarizeTask, type TaskStats } from './task-stats.ts';
-import { copyVmDisks } from './vm-copy.ts';
+import { copyVmDisks, socketSafe } from './vm-copy.ts';
 
 export interface TaskProgress {
   vmName: string;
@@ -95,7 +95,7 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
         ...(await copyVmDisks(
           writer,
           disks,
-          (disk, index) => host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-${index}`, socketPath: join(input.runDir, `nbd-${tag}.sock`) }),
+          (disk, index) => host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-${index}`, socketPath: join(input.runDir, `nbd-${socketSafe(hostRecord.name)}.sock`) }),
           {
             chunkSizeBytes: repository.chunkSizeBytes,
             readAhead: input.readAhead,

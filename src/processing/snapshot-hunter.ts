@@ -6,6 +6,7 @@ import { messageOf } from '../core/errors.ts';
 import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
 import { backingChildOf, queryNamedBlockNodes } from '../hypervisor/qemu/block-graph.ts';
 import { commitOverlay } from '../hypervisor/qemu/block-commit.ts';
+import { removeLeftoverExports } from '../hypervisor/qemu/qemu-nbd-export.ts';
 
 export interface HuntAction {
   vmName: string;
@@ -58,6 +59,7 @@ async function recoverEntry(entry: VmSnapshotLedgerEntry, dryRun: boolean): Prom
     host = undefined; // QEMU is gone (or not answering): only offline repair is possible
   }
   try {
+    if (host && !dryRun) await removeLeftoverExports(host.qmp);
     const liveNodes = host ? new Set((await queryNamedBlockNodes(host.qmp)).map((node) => node['node-name'])) : undefined;
     for (const overlay of entry.overlays) {
       const base = { vmName: entry.vmName, overlayPath: overlay.overlayPath };
@@ -111,7 +113,10 @@ export async function huntOverlaysOnHosts(catalog: Catalog, options: { dryRun?: 
         const base = await backingChildOf(host.qmp, node['node-name']);
         if (!base) continue;
         const overlay = { baseNodeName: base, overlayNodeName: node['node-name'], overlayPath: node.file };
-        if (!options.dryRun) await commitOverlay(host.qmp, overlay);
+        if (!options.dryRun) {
+          await removeLeftoverExports(host.qmp);
+          await commitOverlay(host.qmp, overlay);
+        }
         actions.push({ vmName: record.name, overlayPath: node.file, action: 'committed-live', detail: `overlay ${node['node-name']} of a session that is no longer running` });
       }
     } finally {

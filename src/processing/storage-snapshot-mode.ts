@@ -11,7 +11,7 @@ import { locateImage, storageSystems, type LocatedImage } from '../storage/regis
 import type { StorageSnapshot, StorageSystem, Volume } from '../storage/storage-system.ts';
 import type { BackupTaskResult, TaskProgress } from './regular-mode.ts';
 import { summarizeTask } from './task-stats.ts';
-import { copyVmDisks } from './vm-copy.ts';
+import { copyVmDisks, socketSafe } from './vm-copy.ts';
 
 export interface StorageGroupInput {
   hosts: readonly HostRecord[];
@@ -189,7 +189,7 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
         copies = await copyVmDisks(
           member.writer,
           member.disks,
-          (disk, index) => member.host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-${index}`, socketPath: join(input.runDir, `nbd-${tag}-${member.record.name}.sock`) }),
+          (disk, index) => member.host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-${index}`, socketPath: join(input.runDir, `nbd-${socketSafe(member.record.name)}.sock`) }),
           copyOptions,
         );
         member.vmSnapshotStats = await member.vmSnapshot!.commit();

@@ -1,4 +1,4 @@
-import { rm } from 'node:fs/promises';
+import { rm, stat } from 'node:fs/promises';
 import { SnapshiftError } from '../../core/errors.ts';
 import type { DiskExport } from '../hypervisor.ts';
 import type { QmpSession } from './qmp-session.ts';
@@ -26,14 +26,18 @@ export async function exportNodeReadOnly(qmp: QmpSession, nodeName: string, opti
     startedServer = true;
   } catch (error) {
     if (!/already running/i.test((error as Error).message)) throw error;
-    if (!options.existingServerSocketPath) {
+    if (!options.existingServerSocketPath && (await isSocket(socketPath))) {
+      // Our own server, left running by a task that was killed: reuse it, and stop it when done.
+      startedServer = true;
+    } else if (!options.existingServerSocketPath) {
       throw new SnapshiftError(
         'NBD_SERVER_BUSY',
         'the QEMU process already runs an NBD server whose socket we do not know: add the host with --nbd-socket PATH',
         { cause: error },
       );
+    } else {
+      socketPath = options.existingServerSocketPath;
     }
-    socketPath = options.existingServerSocketPath;
   }
   const exportId = `${options.exportName}-export`;
   try {
@@ -65,4 +69,24 @@ export async function exportNodeReadOnly(qmp: QmpSession, nodeName: string, opti
 async function stopServer(qmp: QmpSession, socketPath: string): Promise<void> {
   await qmp.execute('nbd-server-stop');
   await rm(socketPath, { force: true });
+}
+
+async function isSocket(path: string): Promise<boolean> {
+  return (await stat(path).catch(() => undefined))?.isSocket() ?? false;
+}
+
+/**
+ * Deletes the NBD exports a killed task of ours left in a QEMU process (ids `snapshift-…`): they hold the
+ * base node and would block the commit of the overlay above it.
+ */
+export async function removeLeftoverExports(qmp: QmpSession): Promise<string[]> {
+  const exports = await qmp.execute<Array<{ id: string }>>('query-block-exports');
+  const ours = exports.map((entry) => entry.id).filter((id) => id.startsWith('snapshift-'));
+  for (const id of ours) {
+    const deleted = qmp.waitForEvent('BLOCK_EXPORT_DELETED', (event) => event.data?.id === id, { timeoutMs: 30_000 });
+    deleted.catch(() => undefined);
+    await qmp.execute('block-export-del', { id, mode: 'hard' });
+    await deleted;
+  }
+  return ours;
 }
