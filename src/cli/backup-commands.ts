@@ -64,6 +64,8 @@ export function registerBackupCommands(program: Command): void {
           for (const bar of bars.values()) bar.stop();
         }
         const failed = run.outcomes.filter((outcome) => outcome.error).length;
+        // One VM that failed is the command's failure: one line on stderr, exit 2 (as for any error).
+        if (!options.json && run.outcomes.length === 1 && run.outcomes[0]!.error) throw run.outcomes[0]!.error;
         if (options.json) {
           printJson({
             sessionId: run.sessionId,
@@ -94,8 +96,7 @@ export function registerBackupCommands(program: Command): void {
           }
         }
         if (failed > 0) {
-          if (hosts.length === 1 && !options.json) process.exitCode = 2;
-          else process.exitCode = failed === run.outcomes.length ? 2 : 1;
+          process.exitCode = failed === run.outcomes.length ? 2 : 1;
         } else if (run.outcomes.some((outcome) => outcome.result?.failoverReason)) {
           process.exitCode = 1;
         }
