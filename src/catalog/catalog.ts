@@ -2,6 +2,7 @@ import Database from 'better-sqlite3';
 import { join } from 'node:path';
 import { SnapshiftError } from '../core/errors.ts';
 import { migrate } from './schema.ts';
+import { JobStore } from './job-store.ts';
 
 export interface HostRecord {
   name: string;
@@ -52,8 +53,12 @@ export interface StorageSnapshotLedgerEntry {
 export class Catalog implements Disposable {
   readonly #db: Database.Database;
 
+  /** Jobs, sessions and tasks. */
+  readonly jobs: JobStore;
+
   private constructor(db: Database.Database) {
     this.#db = db;
+    this.jobs = new JobStore(db);
   }
 
   static open(home: string): Catalog {

@@ -1,2 +1,3 @@
 export * from './catalog.ts';
 export * from './home.ts';
+export * from './job-store.ts';

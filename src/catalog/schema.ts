@@ -38,6 +38,31 @@ const migrations: string[] = [
      details TEXT NOT NULL,
      created_at TEXT NOT NULL
    );`,
+  `CREATE TABLE jobs (
+     name TEXT PRIMARY KEY,
+     definition TEXT NOT NULL,
+     created_at TEXT NOT NULL,
+     updated_at TEXT NOT NULL
+   );
+   CREATE TABLE sessions (
+     id TEXT PRIMARY KEY,
+     job_name TEXT,
+     state TEXT NOT NULL,
+     started_at TEXT NOT NULL,
+     ended_at TEXT,
+     owner_pid INTEGER NOT NULL,
+     summary TEXT NOT NULL
+   );
+   CREATE INDEX sessions_by_job ON sessions (job_name, started_at);
+   CREATE TABLE tasks (
+     session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+     vm_name TEXT NOT NULL,
+     state TEXT NOT NULL,
+     restore_point_id TEXT,
+     reason TEXT,
+     stats TEXT,
+     PRIMARY KEY (session_id, vm_name)
+   );`,
 ];
 
 export function migrate(db: Database.Database): void {

@@ -1,9 +1,12 @@
 import type { Command } from 'commander';
 import { registerBackupCommands } from './backup-commands.ts';
+import { registerDaemonCommand } from './daemon-command.ts';
 import { registerDemoCommand } from './demo-command.ts';
 import { registerHostCommands } from './host-commands.ts';
+import { registerJobCommands } from './job-commands.ts';
 import { registerLabCommands } from './lab-commands.ts';
 import { registerRepoCommands } from './repo-commands.ts';
+import { registerSessionCommands } from './session-commands.ts';
 import { registerStorageCommands } from './storage-commands.ts';
 
 /** Every command family registers itself here; one line per family keeps merges trivial. */
@@ -12,6 +15,9 @@ export function registerCommands(program: Command): void {
   registerHostCommands(program);
   registerBackupCommands(program);
   registerStorageCommands(program);
+  registerJobCommands(program);
+  registerSessionCommands(program);
+  registerDaemonCommand(program);
   registerLabCommands(program);
   registerDemoCommand(program);
 }

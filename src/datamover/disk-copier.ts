@@ -1,4 +1,5 @@
 import type { DiskWriter } from '../repository/index.ts';
+import { TokenBucket } from '../core/token-bucket.ts';
 import { BusyClock } from './busy-clock.ts';
 import type { DiskSource } from './disk-source.ts';
 import { alignRegions } from './extent-map.ts';
@@ -37,7 +38,7 @@ export async function copyDisk(source: DiskSource, writer: DiskWriter, options: 
   const sourceClock = new BusyClock();
   const stats: DiskCopyStats = { sizeBytes: source.sizeBytes, bytesRead: 0, zeroBytes: 0, sourceBusyMs: 0, writerWaitMs: 0, durationMs: 0 };
   const regions = alignRegions(await sourceClock.time(() => source.dataRegions()), chunkBytes, source.sizeBytes);
-  const throttle = options.maxReadBytesPerSecond ? new Throttle(options.maxReadBytesPerSecond) : undefined;
+  const throttle = options.maxReadBytesPerSecond ? new TokenBucket(options.maxReadBytesPerSecond) : undefined;
   let processed = 0;
 
   const putZero = async (offset: number, length: number) => {
@@ -63,8 +64,11 @@ export async function copyDisk(source: DiskSource, writer: DiskWriter, options: 
 
   const startRead = async (index: number): Promise<Buffer> => {
     const chunk = reads[index]!;
-    if (throttle) await throttle.take(chunk.length);
-    return sourceClock.time(() => source.read(chunk.offset, chunk.length));
+    // A throttled source is a slow source: its wait counts as the source's busy time.
+    return sourceClock.time(async () => {
+      if (throttle) await throttle.take(chunk.length);
+      return source.read(chunk.offset, chunk.length);
+    });
   };
 
   const window: Array<Promise<Buffer>> = [];
@@ -113,25 +117,4 @@ export function isAllZero(data: Buffer): boolean {
     if (data.compare(zeroBlock, 0, end - offset, offset, end) !== 0) return false;
   }
   return true;
-}
-
-/** A token bucket: at most `bytesPerSecond` on average, in bursts of at most one second's worth. */
-class Throttle {
-  #available: number;
-  #last = performance.now();
-  constructor(private readonly bytesPerSecond: number) {
-    this.#available = bytesPerSecond;
-  }
-  async take(bytes: number): Promise<void> {
-    for (;;) {
-      const now = performance.now();
-      this.#available = Math.min(this.bytesPerSecond, this.#available + ((now - this.#last) / 1000) * this.bytesPerSecond);
-      this.#last = now;
-      if (this.#available >= bytes || this.#available >= this.bytesPerSecond) {
-        this.#available -= bytes;
-        return;
-      }
-      await new Promise((resolve) => setTimeout(resolve, Math.ceil(((bytes - this.#available) / this.bytesPerSecond) * 1000)));
-    }
-  }
 }

@@ -18,7 +18,9 @@ export class NbdDiskSource implements DiskSource, AsyncDisposable {
   }
 
   read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
-    return this.nbd.read(offsetBytes, lengthBytes);
+    // Don't-fragment: qemu 7.2 answers a failed read with an error reply (EIO) only then; a fragmented
+    // read that fails drops the connection, and the user would read "disconnected" instead of the cause.
+    return this.nbd.read(offsetBytes, lengthBytes, { dontFragment: true });
   }
 
   async dataRegions(): Promise<Region[]> {

@@ -13,6 +13,8 @@ export interface StorageDaemonImage {
   nodeName?: string;
   /** NBD export name of the writable export; default the node name. */
   exportName?: string;
+  /** Data reads of the image fail with EIO (a blkdebug filter under the format node): an unreadable disk. */
+  failReads?: boolean;
 }
 
 export interface StorageDaemonOptions {
@@ -87,7 +89,13 @@ export class StorageDaemon implements AsyncDisposable {
     const args: string[] = [];
     for (const disk of disks) {
       args.push('--blockdev', `driver=file,node-name=${disk.fileNodeName},filename=${escapeOption(disk.path)}`);
-      args.push('--blockdev', `driver=${disk.format},node-name=${disk.nodeName},file=${disk.fileNodeName}`);
+      const image = options.images[disks.indexOf(disk)]!;
+      let child = disk.fileNodeName;
+      if (image.failReads) {
+        child = `${disk.nodeName}-faulty`;
+        args.push('--blockdev', `driver=blkdebug,node-name=${child},image=${disk.fileNodeName},inject-error.0.event=read_aio,inject-error.0.errno=5`);
+      }
+      args.push('--blockdev', `driver=${disk.format},node-name=${disk.nodeName},file=${child}`);
     }
     args.push('--nbd-server', `addr.type=unix,addr.path=${escapeOption(join(dir, 'nbd.sock'))}`);
     for (const disk of disks) {

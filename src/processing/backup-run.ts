@@ -26,6 +26,10 @@ export interface BackupRunInput {
   readAhead?: number;
   maxReadBytesPerSecond?: number;
   hooks?: StorageGroupInput['hooks'];
+  /** Tasks (a VM in regular mode, a group in storage-snapshot mode) that run at once; default 1. */
+  parallel?: number;
+  /** Session id to use (a job runner makes one first); default a new one. */
+  sessionId?: string;
 }
 
 export interface VmOutcome {
@@ -47,7 +51,7 @@ export interface BackupRunResult {
  * system can snapshot fails over to regular mode (unless failover is off). One VM's failure never stops others.
  */
 export async function runBackup(input: BackupRunInput): Promise<BackupRunResult> {
-  const sessionId = randomUUID();
+  const sessionId = input.sessionId ?? randomUUID();
   mkdirSync(input.runDir, { recursive: true });
   const systems = input.systems ?? storageSystems();
   const hunted = {
@@ -60,6 +64,7 @@ export async function runBackup(input: BackupRunInput): Promise<BackupRunResult>
 
   const runRegular = async (host: HostRecord, failoverReason?: string) => {
     try {
+      input.signal?.throwIfAborted();
       const result = await backupVmRegular({ ...input, host, sessionId, failoverReason, skipHunt: true });
       outcomes.push({ vmName: host.name, result: { ...result, failoverReason } });
     } catch (error) {
@@ -67,22 +72,30 @@ export async function runBackup(input: BackupRunInput): Promise<BackupRunResult>
     }
   };
 
+  const parallel = Math.max(1, input.parallel ?? 1);
   if (input.mode === 'regular') {
-    for (const host of input.hosts) await runRegular(host);
+    await forEachConcurrently(input.hosts, parallel, (host) => runRegular(host));
     return { sessionId, outcomes, storageSnapshotCount, hunted };
   }
 
   const { groups, unsupported, failed } = await groupByVolume(input.hosts, systems, input.vmsPerStorageSnapshot ?? 10);
   outcomes.push(...failed);
-  for (const { host, reason } of unsupported) {
-    if (failover) await runRegular(host, reason);
-    else outcomes.push({ vmName: host.name, error: new StorageUnsupported(`${reason} (failover to regular mode is off; the VM was not touched)`) });
-  }
-  for (const group of groups) {
-    const groupOutcomes = await backupGroupFromStorageSnapshots({ ...input, hosts: group, sessionId, failoverToRegular: failover, systems });
-    if (groupOutcomes.some((outcome) => outcome.result?.stats.mode === 'storage-snapshot')) storageSnapshotCount++;
-    outcomes.push(...groupOutcomes);
-  }
+  const units: Array<() => Promise<void>> = [
+    ...unsupported.map(({ host, reason }) => async () => {
+      if (failover) await runRegular(host, reason);
+      else outcomes.push({ vmName: host.name, error: new StorageUnsupported(`${reason} (failover to regular mode is off; the VM was not touched)`) });
+    }),
+    ...groups.map((group) => async () => {
+      if (input.signal?.aborted) {
+        outcomes.push(...group.map((host) => ({ vmName: host.name, error: new Error('stopped before it started') })));
+        return;
+      }
+      const groupOutcomes = await backupGroupFromStorageSnapshots({ ...input, hosts: group, sessionId, failoverToRegular: failover, systems });
+      if (groupOutcomes.some((outcome) => outcome.result?.stats.mode === 'storage-snapshot')) storageSnapshotCount++;
+      outcomes.push(...groupOutcomes);
+    }),
+  ];
+  await forEachConcurrently(units, parallel, (unit) => unit());
   return { sessionId, outcomes, storageSnapshotCount, hunted };
 }
 
@@ -117,4 +130,13 @@ async function groupByVolume(hosts: readonly HostRecord[], systems: readonly Sto
     for (let index = 0; index < members.length; index += maxPerGroup) groups.push(members.slice(index, index + maxPerGroup));
   }
   return { groups, unsupported, failed };
+}
+
+/** Runs `work` over `items` with at most `limit` at once; a rejection is the caller's to avoid (tasks catch their own). */
+async function forEachConcurrently<T>(items: readonly T[], limit: number, work: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  const lanes = Array.from({ length: Math.min(limit, items.length) }, async () => {
+    while (next < items.length) await work(items[next++]!);
+  });
+  await Promise.all(lanes);
 }

@@ -197,11 +197,13 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
       const storageKinds = [...new Set(member.located.map((where) => where.system.kind))];
       const storageSnapshotLifetimeMs = useStorage ? Math.max(...storageSnapshots.map((snapshot) => snapshot.lifetimeMs)) : undefined;
       const mode = useStorage ? 'storage-snapshot' : 'regular';
+      await member.writer.drain();
       const stats = summarizeTask({
         mode,
         durationMs: performance.now() - (members.length === 1 ? started : memberStarted),
         copies,
         writer: member.writer.stats,
+        workerCount: input.repository.workerCount,
         vmSnapshot: member.vmSnapshotStats!,
         storageSnapshotLifetimeMs,
       });

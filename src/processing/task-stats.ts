@@ -28,6 +28,8 @@ export function summarizeTask(input: {
   durationMs: number;
   copies: Array<{ name: string; stats: DiskCopyStats }>;
   writer: WriterStats;
+  /** Blob workers in the pool: their busy times add up, so capacity is this many times the wall time. */
+  workerCount?: number;
   vmSnapshot: { lifetimeMs: number; deltaBytesAtCommit: number; commitMs: number };
   storageSnapshotLifetimeMs?: number;
 }): TaskStats {
@@ -37,8 +39,8 @@ export function summarizeTask(input: {
   const newBytes = input.writer.bytesIn - input.writer.dedupBytes;
   const busyPercent: Record<Stage, number> = {
     source: percent(sum(input.copies.map((copy) => copy.stats.sourceBusyMs)), copyMs),
-    // Workers run in parallel: their summed busy time is divided by the pool's capacity by the writer.
-    proxy: percent(input.writer.workerBusyMs, copyMs),
+    // Workers run in parallel: their summed busy time is measured against the pool's capacity.
+    proxy: percent(input.writer.workerBusyMs / Math.max(1, input.workerCount ?? 1), copyMs),
     target: percent(input.writer.writeBusyMs, copyMs),
   };
   const bottleneck = (Object.entries(busyPercent) as Array<[Stage, number]>).sort((a, b) => b[1] - a[1])[0]![0];

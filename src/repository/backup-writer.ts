@@ -153,6 +153,14 @@ export class BackupWriter {
     this.stats.workerBusyMs = this.repository.pool().busyMs - this.#poolBusyAtStart;
   }
 
+  /** Waits until every chunk handed over is hashed and stored (or deduplicated); then `stats` are complete. */
+  async drain(): Promise<WriterStats> {
+    await this.#drain();
+    this.#updateStats();
+    if (this.#failure) throw this.#failure;
+    return this.stats;
+  }
+
   /** Writes the last pack, the index files and then the manifest; returns the new restore point. */
   async commit(extra: Record<string, unknown> = {}): Promise<RestorePointSummary> {
     if (this.#finished) throw new SnapshiftError('REPO_WRITER_CLOSED', 'this backup writer has already committed or aborted');

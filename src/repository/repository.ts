@@ -3,6 +3,7 @@ import { mkdir, readdir, stat, writeFile, rename, open } from 'node:fs/promises'
 import { join, resolve } from 'node:path';
 import { SnapshiftError } from '../core/errors.ts';
 import { LocalBackend } from './backend/local-backend.ts';
+import { RateLimitedBackend } from './backend/rate-limited-backend.ts';
 import type { StorageBackend } from './backend/storage-backend.ts';
 import { BlobWorkerPool } from './blob-worker-pool.ts';
 import { ChunkIndex } from './chunk-index.ts';
@@ -19,6 +20,8 @@ export interface RepositoryOptions {
   password?: string;
   /** Blob workers for hashing, compression and encryption (default 2). */
   workers?: number;
+  /** Caps writes to the backend (bytes/s): a slow target, or sparing a shared one. */
+  maxWriteBytesPerSecond?: number;
 }
 
 export interface InitOptions {
@@ -88,7 +91,8 @@ export async function openRepository(path: string, opts: RepositoryOptions): Pro
     if (opts.password === undefined) throw new SnapshiftError('REPO_PASSWORD_REQUIRED', `repository ${location} is encrypted: give its password (--password-file, SNAPSHIFT_PASSWORD or the prompt)`);
     keys = await unlock(backend, opts.password);
   }
-  const repository = new Repository(location, backend, config, keys, opts.workers ?? 2);
+  const target = opts.maxWriteBytesPerSecond ? new RateLimitedBackend(backend, opts.maxWriteBytesPerSecond) : backend;
+  const repository = new Repository(location, target, config, keys, opts.workers ?? 2);
   await repository.loadIndex();
   return repository;
 }

@@ -54,13 +54,22 @@ export async function parentByBacking(qmp: QmpSession, nodeName: string): Promis
   return edge ? graph.nodes.find((node) => node.id === edge.parent)?.name : undefined;
 }
 
-/** The protocol child (`file`) of a format node, e.g. the 'file' or 'rbd' node under a qcow2 node. */
-export async function protocolChildOf(qmp: QmpSession, nodeName: string): Promise<string | undefined> {
+/**
+ * The protocol node under a format node, e.g. the 'file' or 'rbd' node under a qcow2 node. Filters in
+ * between (throttle, blkdebug, copy-on-read) are walked through: they change how I/O flows, not where the
+ * image lives. `filterNames` says which node names are filters (query-named-block-nodes knows the drivers).
+ */
+export async function protocolChildOf(qmp: QmpSession, nodeName: string, filterNames: ReadonlySet<string> = new Set()): Promise<string | undefined> {
   const graph = await qmp.execute<DebugBlockGraph>('x-debug-query-block-graph');
-  const parent = graph.nodes.find((node) => node.name === nodeName);
-  if (!parent) return undefined;
-  const edge = graph.edges.find((e) => e.parent === parent.id && e.name === 'file');
-  return edge ? graph.nodes.find((node) => node.id === edge.child)?.name : undefined;
+  let current = graph.nodes.find((node) => node.name === nodeName);
+  for (let depth = 0; current && depth < 8; depth++) {
+    const parentId = current.id;
+    const edge = graph.edges.find((e) => e.parent === parentId && (e.name === 'file' || e.name === 'image'));
+    const child = edge ? graph.nodes.find((node) => node.id === edge.child) : undefined;
+    if (!child || !filterNames.has(child.name)) return child?.name;
+    current = child;
+  }
+  return undefined;
 }
 
 /** The `backing` child of a node: the image below it in the chain. */

@@ -9,6 +9,9 @@ interface QueryBlockEntry {
   inserted?: { 'node-name': string };
 }
 
+/** Filter drivers: between a format node and its protocol node, passing I/O through. */
+const filterDrivers = new Set(['throttle', 'blkdebug', 'copy-on-read', 'preallocate', 'compress']);
+
 /** Format drivers whose nodes we treat as a disk's top; protocol drivers sit below them. */
 const protocolDrivers = new Set(['file', 'host_device', 'rbd', 'iscsi', 'nbd', 'nfs', 'ssh', 'http', 'https', 'null-co']);
 
@@ -26,11 +29,12 @@ export async function listQemuDisks(qmp: QmpSession): Promise<VmDisk[]> {
       ? devices.map((device) => ({ name: deviceName(device), nodeName: device.inserted!['node-name'] }))
       : (await rootNodeNames(qmp)).filter((name) => !name.startsWith('snapshift-')).map((name) => ({ name, nodeName: name }));
 
+  const filterNodes = new Set(nodes.filter((node) => filterDrivers.has(node.drv)).map((node) => node['node-name']));
   const disks: VmDisk[] = [];
   for (const root of roots) {
     const node = byName.get(root.nodeName);
     if (!node) continue;
-    const protocolNode = byName.get((await protocolChildOf(qmp, root.nodeName)) ?? '');
+    const protocolNode = byName.get((await protocolChildOf(qmp, root.nodeName, filterNodes)) ?? '');
     disks.push(diskFromNode(root.name, node, protocolNode));
   }
   if (disks.length === 0) throw new SnapshiftError('VM_HAS_NO_DISKS', 'the VM has no block devices with media to back up');

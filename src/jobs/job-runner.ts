@@ -1,0 +1,154 @@
+import { randomUUID } from 'node:crypto';
+import { join } from 'node:path';
+import { SessionState, type Catalog, type HostRecord } from '../catalog/index.ts';
+import { messageOf } from '../core/errors.ts';
+import { runBackup } from '../processing/backup-run.ts';
+import type { TaskProgress } from '../processing/regular-mode.ts';
+import type { TaskStats } from '../processing/task-stats.ts';
+import { forgetRestorePoints, openRepository, type Repository } from '../repository/index.ts';
+import type { JobDefinition } from './job-definition.ts';
+import { summarizeSession, type SessionSummary } from './session-summary.ts';
+
+export interface JobRunContext {
+  catalog: Catalog;
+  home: string;
+  /** The repository password (undefined for an unencrypted repository). */
+  password?: string;
+  /** Aborting stops the run cleanly: snapshots undone, partial restore points dropped, session Stopped. */
+  signal?: AbortSignal;
+  onProgress?: (progress: TaskProgress) => void;
+  /** Events a CLI or daemon shows as they happen. */
+  onTaskEnd?: (task: { vmName: string; state: SessionState; reason?: string }) => void;
+  maxReadBytesPerSecond?: number;
+  maxWriteBytesPerSecond?: number;
+}
+
+export interface JobRunResult {
+  sessionId: string;
+  state: SessionState;
+  summary: SessionSummary;
+  tasks: Array<{ vmName: string; state: SessionState; reason?: string; restorePointId?: string; stats?: TaskStats }>;
+}
+
+/**
+ * Runs a job as one session: a task per VM (in parallel up to the job's limit, grouped for storage
+ * snapshots), then retention if the run produced restore points. A task's failure never stops the others.
+ * The session ends Success (all good), Warning (some failed, or fell back to regular mode), Failed (none
+ * succeeded) or Stopped (aborted).
+ */
+export async function runJob(job: JobDefinition, context: JobRunContext): Promise<JobRunResult> {
+  const { catalog } = context;
+  const sessionId = randomUUID();
+  const started = performance.now();
+  markCrashedSessions(catalog);
+  catalog.jobs.startSession(sessionId, job.name);
+  const tasks: JobRunResult['tasks'] = [];
+  let storageSnapshots = 0;
+  let repository: Repository | undefined;
+  try {
+    const hosts: HostRecord[] = [];
+    for (const vmName of job.vms) {
+      const host = catalog.getHost(vmName);
+      if (host) hosts.push(host);
+      else tasks.push({ vmName, state: SessionState.failed, reason: `no VM named "${vmName}" (add it with "snapshift host add")` });
+    }
+    repository = await openRepository(job.repository, { password: context.password, maxWriteBytesPerSecond: context.maxWriteBytesPerSecond });
+    if (hosts.length > 0) {
+      const run = await runBackup({
+        hosts,
+        mode: job.mode,
+        repository,
+        catalog,
+        runDir: join(context.home, 'run'),
+        failoverToRegular: job.failoverToRegular,
+        vmsPerStorageSnapshot: job.vmsPerStorageSnapshot,
+        parallel: job.parallel,
+        sessionId,
+        signal: context.signal,
+        onProgress: context.onProgress,
+        maxReadBytesPerSecond: context.maxReadBytesPerSecond,
+      });
+      storageSnapshots = run.storageSnapshotCount;
+      for (const outcome of run.outcomes) {
+        if (outcome.error) {
+          const stopped = context.signal?.aborted === true;
+          tasks.push({ vmName: outcome.vmName, state: stopped ? SessionState.stopped : SessionState.failed, reason: stopped ? 'stopped by request' : messageOf(outcome.error) });
+        } else {
+          const result = outcome.result!;
+          tasks.push({
+            vmName: outcome.vmName,
+            state: result.failoverReason ? SessionState.warning : SessionState.success,
+            reason: result.failoverReason ? `failover to regular mode: ${result.failoverReason}` : undefined,
+            restorePointId: result.restorePoint.id,
+            stats: result.stats,
+          });
+        }
+      }
+    }
+  } catch (error) {
+    // The run itself could not start (e.g. repository missing): every VM not yet reported fails with it.
+    for (const vmName of job.vms) if (!tasks.some((task) => task.vmName === vmName)) tasks.push({ vmName, state: SessionState.failed, reason: messageOf(error) });
+  }
+
+  for (const task of tasks) {
+    catalog.jobs.recordTask({ sessionId, vmName: task.vmName, state: task.state, restorePointId: task.restorePointId ?? null, reason: task.reason ?? null, stats: task.stats ? { ...task.stats } : null });
+    context.onTaskEnd?.(task);
+  }
+  const state = sessionState(tasks, context.signal?.aborted === true);
+  const counts = {
+    total: tasks.length,
+    success: tasks.filter((task) => task.state === SessionState.success).length,
+    warning: tasks.filter((task) => task.state === SessionState.warning).length,
+    failed: tasks.filter((task) => task.state === SessionState.failed).length,
+    stopped: tasks.filter((task) => task.state === SessionState.stopped).length,
+  };
+  const summary = summarizeSession(
+    tasks.flatMap((task) => (task.stats ? [task.stats] : [])),
+    counts,
+    performance.now() - started,
+    storageSnapshots,
+  );
+  try {
+    if (repository && (state === SessionState.success || state === SessionState.warning) && Object.keys(job.retention).length > 0) {
+      summary.retention = { forgotten: await applyJobRetention(job, repository, catalog) };
+    }
+  } finally {
+    await repository?.close();
+    catalog.jobs.endSession(sessionId, state, { ...summary });
+  }
+  return { sessionId, state, summary, tasks };
+}
+
+function sessionState(tasks: JobRunResult['tasks'], stopped: boolean): SessionState {
+  if (stopped) return SessionState.stopped;
+  const succeeded = tasks.filter((task) => task.state === SessionState.success || task.state === SessionState.warning).length;
+  if (succeeded === 0) return SessionState.failed;
+  return succeeded === tasks.length && tasks.every((task) => task.state === SessionState.success) ? SessionState.success : SessionState.warning;
+}
+
+/** Retention per VM of the job; forgotten restore points leave the catalog too. Space comes back with `gc`. */
+async function applyJobRetention(job: JobDefinition, repository: Repository, catalog: Catalog): Promise<string[]> {
+  const forgotten: string[] = [];
+  for (const vmName of job.vms) {
+    const decisions = await forgetRestorePoints(repository, job.retention, { vmName });
+    forgotten.push(...decisions.filter((decision) => !decision.keep).map((decision) => decision.point.id));
+  }
+  catalog.removeRestorePoints(forgotten);
+  return forgotten;
+}
+
+/** Sessions left Running by a process that is gone (killed, machine rebooted) end as Failed. */
+export function markCrashedSessions(catalog: Catalog): void {
+  for (const session of catalog.jobs.runningSessions()) {
+    let alive = session.ownerPid === process.pid;
+    if (!alive) {
+      try {
+        process.kill(session.ownerPid, 0);
+        alive = true;
+      } catch {
+        alive = false;
+      }
+    }
+    if (!alive) catalog.jobs.endSession(session.id, SessionState.failed, { ...session.summary, error: 'the process running this session ended unexpectedly' });
+  }
+}
