@@ -29,6 +29,7 @@ interface JobFlags {
   keepMonthly?: string;
   schedule?: string;
   passwordFile?: string;
+  maxReadRate?: string;
 }
 
 const collect = (value: string, previous: string[] = []) => [...previous, value];
@@ -48,7 +49,8 @@ function addJobFlags(command: Command): Command {
     .option('--keep-weekly <n>', 'retention: keep one per week for N weeks')
     .option('--keep-monthly <n>', 'retention: keep one per month for N months')
     .option('--schedule <cron>', 'cron expression, e.g. "0 22 * * *" (6 fields: seconds first)')
-    .option('--password-file <path>', 'repository password file used when the job runs');
+    .option('--password-file <path>', 'repository password file used when the job runs')
+    .option('--max-read-rate <MBps>', 'cap the read rate from production storage (MB/s)');
 }
 
 /** Flags given on the command line, as definition fields (undefined = not given). */
@@ -68,6 +70,7 @@ function definitionFromFlags(name: string, flags: JobFlags): Record<string, unkn
     retention: Object.keys(retention).length > 0 ? retention : undefined,
     schedule: flags.schedule,
     passwordFile: flags.passwordFile === undefined ? undefined : resolve(flags.passwordFile),
+    maxReadRateMBps: flags.maxReadRate,
   };
   return Object.fromEntries(Object.entries(fields).filter(([, value]) => value !== undefined));
 }

@@ -19,6 +19,8 @@ export interface JobDefinition {
   schedule?: string;
   /** File holding the repository password; else SNAPSHIFT_PASSWORD when the job runs. */
   passwordFile?: string;
+  /** Caps the read rate from production storage, in MB/s. */
+  maxReadRateMBps?: number;
 }
 
 export const jobDefaults = { mode: 'storage-snapshot', failoverToRegular: true, quiesce: false, vmsPerStorageSnapshot: 10, parallel: 2 } as const;
@@ -30,7 +32,7 @@ export const jobDefaults = { mode: 'storage-snapshot', failoverToRegular: true, 
 export function parseJobDefinition(input: unknown): JobDefinition {
   if (typeof input !== 'object' || input === null || Array.isArray(input)) throw invalid('a job must be a mapping of fields');
   const raw = input as Record<string, unknown>;
-  const known = new Set(['name', 'vms', 'repository', 'repo', 'mode', 'failoverToRegular', 'quiesce', 'vmsPerStorageSnapshot', 'parallel', 'retention', 'schedule', 'passwordFile']);
+  const known = new Set(['name', 'vms', 'repository', 'repo', 'mode', 'failoverToRegular', 'quiesce', 'vmsPerStorageSnapshot', 'parallel', 'retention', 'schedule', 'passwordFile', 'maxReadRateMBps']);
   for (const key of Object.keys(raw)) if (!known.has(key)) throw invalid(`unknown field "${key}"`);
   const name = requireString(raw.name, 'name');
   if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(name)) throw invalid(`job name "${name}" must be letters, digits, . _ - (at most 64)`);
@@ -52,6 +54,7 @@ export function parseJobDefinition(input: unknown): JobDefinition {
     retention: parseRetention(raw.retention, name),
     ...(schedule ? { schedule } : {}),
     ...(raw.passwordFile !== undefined ? { passwordFile: requireString(raw.passwordFile, 'passwordFile') } : {}),
+    ...(raw.maxReadRateMBps !== undefined ? { maxReadRateMBps: optionalCount(raw.maxReadRateMBps, 'maxReadRateMBps') } : {}),
   };
   return definition;
 }

@@ -66,7 +66,7 @@ export async function runJob(job: JobDefinition, context: JobRunContext): Promis
         sessionId,
         signal: context.signal,
         onProgress: context.onProgress,
-        maxReadBytesPerSecond: context.maxReadBytesPerSecond,
+        maxReadBytesPerSecond: context.maxReadBytesPerSecond ?? (job.maxReadRateMBps ? job.maxReadRateMBps * 1e6 : undefined),
       });
       storageSnapshots = run.storageSnapshotCount;
       for (const outcome of run.outcomes) {

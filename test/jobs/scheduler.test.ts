@@ -1,0 +1,69 @@
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { Catalog } from '../../src/catalog/index.ts';
+import { exec } from '../../src/core/exec.ts';
+import { NbdClient } from '../../src/datamover/nbd/index.ts';
+import { StorageDaemon } from '../../src/lab/storage-daemon.ts';
+import { initRepository } from '../../src/repository/index.ts';
+import { makeWorkspace, runCli } from '../support/workspace.ts';
+
+const MiB = 1024 * 1024;
+let workspace: Awaited<ReturnType<typeof makeWorkspace>>;
+let daemon: StorageDaemon;
+const children: ChildProcess[] = [];
+
+before(async () => {
+  workspace = await makeWorkspace('sched');
+  mkdirSync(join(workspace.dir, 'home'));
+  const image = join(workspace.dir, 'vm.qcow2');
+  await exec('qemu-img', ['create', '-q', '-f', 'qcow2', image, String(16 * MiB)]);
+  daemon = await StorageDaemon.start({ dir: workspace.dir, images: [{ path: image, format: 'qcow2', nodeName: 'disk0' }] });
+  await using nbd = await NbdClient.connect({ socketPath: daemon.nbdSocketPath, exportName: 'disk0' });
+  await nbd.write(0, Buffer.alloc(4 * MiB, 0x33));
+  using catalog = Catalog.open(join(workspace.dir, 'home'));
+  catalog.addHost({ name: 'sched-vm', kind: 'qemu', qmpSocketPath: daemon.qmpSocketPath, nbdSocketPath: daemon.nbdSocketPath });
+  await initRepository(join(workspace.dir, 'repo'), { encryption: false });
+});
+
+after(async () => {
+  for (const child of children) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  await daemon?.stop();
+  await workspace?.cleanup();
+});
+
+// The issue asks for "every minute"; the scheduler's clock is the same with a seconds field, and a test
+// that waits minutes would cost the suite its speed. A 3-second schedule with runs that are slower than
+// that shows both: it runs when due, and never twice at once.
+test('the daemon runs a due job on schedule, never twice at once, and a second daemon is refused', async () => {
+  const env = { ...process.env, SNAPSHIFT_HOME: join(workspace.dir, 'home') };
+  const create = await runCli(['job', 'create', 'frequent', '--vm', 'sched-vm', '--repo', join(workspace.dir, 'repo'), '--mode', 'regular', '--schedule', '*/3 * * * * *', '--max-read-rate', '1'], env);
+  assert.equal(create.status, 0, create.stderr);
+  const child = spawn('bin/snapshift', ['daemon'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  children.push(child);
+  let log = '';
+  child.stderr!.on('data', (chunk: Buffer) => (log += chunk.toString()));
+  await new Promise((resolve) => setTimeout(resolve, 2500));
+  const second = await runCli(['daemon'], env);
+  assert.equal(second.status, 2);
+  assert.match(second.stderr, /another snapshift daemon runs for this catalog/);
+  await new Promise((resolve) => setTimeout(resolve, 9000));
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  child.kill('SIGTERM');
+  await exited;
+
+  using catalog = Catalog.open(join(workspace.dir, 'home'));
+  const sessions = catalog.jobs.listSessions('frequent').reverse();
+  assert.ok(sessions.length >= 2, `at least two scheduled runs in ~11 s, got ${sessions.length}; log:\n${log}`);
+  for (let index = 1; index < sessions.length; index++) {
+    assert.ok(sessions[index]!.startedAt >= sessions[index - 1]!.endedAt!, 'runs never overlap');
+  }
+  assert.ok(sessions.every((session) => session.state === 'Success' || session.state === 'Stopped'), JSON.stringify(sessions.map((s) => s.state)));
+  const jsonLog = readFileSync(join(workspace.dir, 'home', 'logs', 'daemon.log'), 'utf8').trim().split('\n').map((line) => JSON.parse(line) as { msg: string });
+  assert.ok(jsonLog.some((entry) => entry.msg.startsWith('starting job frequent')), 'JSON log file records the runs');
+  assert.match(log, /starting job frequent/, 'the terminal gets human lines');
+  // Each run reads 4 MiB at 1 MB/s, longer than the 3 s period: the scheduler must have skipped fire times.
+  assert.match(log, /job frequent is due but its previous run has not ended: skipped/);
+});
