@@ -10,6 +10,7 @@ APT_PACKAGES=(
   busybox-static cpio               # the tiny guest's initramfs
   libnbd-bin                        # nbdinfo / nbdcopy: references our NBD client is compared with
   restic                            # the repository benchmark's yardstick
+  zfs-fuse                          # the lab's ZFS datastore (zfs-fuse: no kernel module needed)
   util-linux e2fsprogs xz-utils zstd lz4
 )
 

@@ -1,6 +1,6 @@
 import type { Command } from 'commander';
 import { SnapshiftError } from '../core/errors.ts';
-import { Lab, datastoreKinds, defaultLabDir, isDatastoreKind, formatByteSize, parseByteSize, type LabStatus } from '../lab/index.ts';
+import { Lab, datastoreKinds, defaultLabDir, isDatastoreKind, formatByteSize, parseByteSize, zfsDaemonLabel, type LabStatus } from '../lab/index.ts';
 
 interface DirOptions {
   dir: string;
@@ -13,13 +13,15 @@ export function registerLabCommands(program: Command): void {
   withDir(lab.command('up'))
     .description('create the lab: btrfs and XFS (reflink) datastores on sparse loop files, mounted under the lab folder (needs root)')
     .option('--size <size>', 'size of each sparse datastore file', '4G')
-    .action(async (options: DirOptions & { size: string }) => {
+    .option('--with-zfs', 'also a ZFS datastore (zfs-fuse, a pool on a sparse file); same as "lab zfs up" afterwards')
+    .action(async (options: DirOptions & { size: string; withZfs?: boolean }) => {
       const started = Date.now();
-      const upLab = await Lab.up({ dir: options.dir, datastoreSizeBytes: parseByteSize(options.size, '--size') });
+      const upLab = await Lab.up({ dir: options.dir, datastoreSizeBytes: parseByteSize(options.size, '--size'), zfs: options.withZfs === true });
       const status = await upLab.status();
       for (const datastore of status.datastores) {
         console.log(`${datastore.kind.padEnd(5)} ${datastore.loopDevice ?? '?'} on ${datastore.mountPoint} (${formatByteSize(datastore.sizeBytes)} sparse); VM disks in ${datastore.vmDisksDir}`);
       }
+      if (status.zfs) printZfs(status.zfs);
       console.log(`lab up in ${status.dir} (${Date.now() - started} ms)`);
     });
 
@@ -30,7 +32,30 @@ export function registerLabCommands(program: Command): void {
       const started = Date.now();
       const report = await Lab.down(options.dir, { purgeCache: options.purgeCache === true });
       if (!report.wasUp) console.log(`no lab in ${report.dir}; nothing to do`);
-      else console.log(`lab down in ${report.dir}: ended ${report.endedPids.length} process(es), removed datastores ${report.removedDatastores.join(', ') || 'none'} (${Date.now() - started} ms)`);
+      else console.log(`lab down in ${report.dir}: ended ${report.endedPids.length} process(es), removed datastores ${[...report.removedDatastores, ...(report.removedZfsPool ? [`zfs (pool ${report.removedZfsPool})`] : [])].join(', ') || 'none'}${zfsDaemonNote(report.zfsDaemon)} (${Date.now() - started} ms)`);
+    });
+
+  const zfs = lab.command('zfs').description('the lab\'s ZFS datastore: zfs-fuse and a pool on a sparse file under the lab folder');
+
+  withDir(zfs.command('up'))
+    .description('add a ZFS datastore to the lab (starts zfs-fuse unless a ZFS daemon runs already; needs root)')
+    .option('--size <size>', 'size of the pool\'s sparse file', '4G')
+    .action(async (options: DirOptions & { size: string }) => {
+      const started = Date.now();
+      const upLab = await Lab.open(options.dir);
+      await upLab.zfsUp({ sizeBytes: parseByteSize(options.size, '--size') });
+      const status = await upLab.status();
+      if (status.zfs) printZfs(status.zfs);
+      const daemon = status.processes.find((p) => p.label === zfsDaemonLabel);
+      console.log(`ZFS up in ${status.dir}: ${daemon ? `zfs-fuse pid ${daemon.pid} started by the lab` : 'using the ZFS daemon already running (the lab will not end it)'} (${Date.now() - started} ms)`);
+    });
+
+  withDir(zfs.command('down'))
+    .description('destroy the lab\'s ZFS pool and end zfs-fuse if the lab started it and no other pool uses it')
+    .action(async (options: DirOptions) => {
+      const started = Date.now();
+      const report = await (await Lab.open(options.dir)).zfsDown();
+      console.log(`ZFS down: ${report.removedZfsPool ? `destroyed pool ${report.removedZfsPool}` : 'no ZFS pool in the lab'}${zfsDaemonNote(report.zfsDaemon)} (${Date.now() - started} ms)`);
     });
 
   withDir(lab.command('status'))
@@ -123,8 +148,20 @@ async function runningVm(dir: string, name: string) {
 function printStatus(status: LabStatus): void {
   console.log(`lab ${status.dir}: ${status.up ? 'up' : status.datastores.length > 0 ? 'half up (run lab down)' : 'not up'}`);
   for (const d of status.datastores) console.log(`  datastore ${d.kind.padEnd(5)} ${d.loopDevice ?? '-'} on ${d.mountPoint} ${d.mounted ? 'mounted' : 'NOT MOUNTED'}`);
+  if (status.zfs) console.log(`  datastore zfs   pool ${status.zfs.poolName} on ${status.zfs.mountPoint} ${status.zfs.imported ? 'imported' : 'NOT IMPORTED'}; VM disks in ${status.zfs.vmDisksDir}`);
   for (const v of status.vms) console.log(`  vm ${v.name.padEnd(12)} ${v.running ? `running (pid ${v.pid})` : 'stopped'} on ${v.datastore}: ${v.diskPath}`);
   for (const p of status.processes.filter((p) => !p.label.startsWith('vm:'))) console.log(`  process ${p.label} pid ${p.pid} ${p.running ? 'running' : 'gone'}`);
+}
+
+function printZfs(zfs: NonNullable<LabStatus['zfs']>): void {
+  console.log(`zfs   pool ${zfs.poolName} on ${zfs.imagePath} (${formatByteSize(zfs.sizeBytes)} sparse) at ${zfs.mountPoint} ${zfs.imported ? '' : 'NOT IMPORTED '}; VM disks in ${zfs.vmDisksDir} (dataset ${zfs.dataset})`);
+}
+
+function zfsDaemonNote(daemon: 'ended' | 'kept' | 'gone' | undefined): string {
+  if (daemon === 'ended') return '; ended zfs-fuse';
+  if (daemon === 'kept') return '; left zfs-fuse running (other pools still use it)';
+  if (daemon === 'gone') return '; zfs-fuse had already exited';
+  return '';
 }
 
 function printJson(value: unknown): void {

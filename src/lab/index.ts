@@ -1,6 +1,6 @@
 // The lab's public surface, for tests, the demo and benchmarks (never the product's own path).
 export { Lab, defaultDatastoreSizeBytes } from './lab.ts';
-export type { LabUpOptions, LabDownOptions, LabDownReport, CreateVmOptions, StartVmOptions, LabStatus } from './lab.ts';
+export type { LabUpOptions, LabDownOptions, LabDownReport, CreateVmOptions, StartVmOptions, LabStatus, LabZfs, ZfsUpOptions } from './lab.ts';
 export { LabVm, vmProcessLabel } from './lab-vm.ts';
 export type { GuestStopResult } from './lab-vm.ts';
 export type { Heartbeat, GuestEvent } from './guest-console.ts';
@@ -13,6 +13,8 @@ export type { Accelerator } from './qemu-guest.ts';
 export { isOwnedProcessAlive, endOwnedProcess } from './owned-process.ts';
 export { listLoopDevices, listMounts } from './host-inventory.ts';
 export { parseByteSize, formatByteSize } from './byte-size.ts';
-export { withLab, labFor, useSharedTestCache } from './with-lab.ts';
+export { withLab, withZfs, labFor, useSharedTestCache } from './with-lab.ts';
+export { zfsDaemonLabel } from './lab-zfs.ts';
+export type { ZfsRecord } from './lab-zfs.ts';
 export type { TestLabOptions } from './with-lab.ts';
 // The guest-less disk (qemu-storage-daemon + NBD) is re-exported here once ./storage-daemon.ts lands.

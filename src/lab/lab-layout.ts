@@ -19,6 +19,8 @@ export const defaultLabDir = '.snapshift-lab';
  *   <lab>/images/<kind>.img        sparse loop files backing the datastores
  *   <lab>/mnt/btrfs                btrfs mount; VM disks in the subvolume vms/, snapshots go to .snapshots/
  *   <lab>/mnt/xfs                  XFS (reflink=1) mount; VM disks in vms/, snapshots go to snaps/
+ *   <lab>/images/zfs.img           sparse file of the ZFS pool (when `lab zfs up` made one)
+ *   <lab>/mnt/zfs                  the pool's root (zfs-fuse mounts it); VM disks in the dataset <pool>/vms at vms/
  *   <lab>/vms/<name>/              a VM's runtime files: qmp.sock, ctl.sock, console.log, qemu.log, pid
  *   <lab>/cache/                   guest kernel and initramfs (or $SNAPSHIFT_LAB_CACHE, shared between labs)
  *   <lab>/tmp/                     scratch (the random seed of a new disk, before it becomes qcow2)
@@ -36,6 +38,12 @@ export class LabLayout {
   }
   mountPoint(kind: DatastoreKind): string {
     return path.join(this.dir, 'mnt', kind);
+  }
+  get zfsImageFile(): string {
+    return path.join(this.dir, 'images', 'zfs.img');
+  }
+  get zfsMountPoint(): string {
+    return path.join(this.dir, 'mnt', 'zfs');
   }
   /** Where VM disks go on a datastore (a btrfs subvolume, so it is one snapshot volume). */
   vmDisksDir(kind: DatastoreKind): string {

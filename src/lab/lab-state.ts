@@ -2,6 +2,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { SnapshiftError } from '../core/errors.ts';
 import { isDatastoreKind, type DatastoreKind } from './lab-layout.ts';
+import type { ZfsRecord } from './lab-zfs.ts';
 
 /**
  * A datastore as `lab up` made it. Each field is written before the thing it names is made (image file,
@@ -42,6 +43,8 @@ export interface LabState {
   datastores: DatastoreRecord[];
   processes: ProcessRecord[];
   vms: VmRecord[];
+  /** The ZFS datastore, when `lab zfs up` (or `lab up --with-zfs`) made one. */
+  zfs?: ZfsRecord;
 }
 
 export function emptyLabState(dir: string): LabState {
@@ -120,6 +123,18 @@ function parseLabState(value: unknown): LabState {
         createdAt: string(v['createdAt'], 'vm.createdAt'),
       };
     }),
+    ...(record['zfs'] === undefined ? {} : { zfs: parseZfsRecord(record['zfs']) }),
+  };
+}
+
+function parseZfsRecord(value: unknown): ZfsRecord {
+  const z = object(value, 'zfs');
+  return {
+    poolName: string(z['poolName'], 'zfs.poolName'),
+    imagePath: string(z['imagePath'], 'zfs.imagePath'),
+    sizeBytes: number(z['sizeBytes'], 'zfs.sizeBytes'),
+    mountPoint: string(z['mountPoint'], 'zfs.mountPoint'),
+    dataset: string(z['dataset'], 'zfs.dataset'),
   };
 }
 

@@ -14,12 +14,29 @@ import { LabVm, vmProcessLabel } from './lab-vm.ts';
 import { endOwnedProcess, isOwnedProcessAlive, sleep } from './owned-process.ts';
 import { chooseAccelerator, guestQemuArgs, guestRunFiles, launchGuestQemu, qemuProgram, type Accelerator } from './qemu-guest.ts';
 import { createVmDisk } from './vm-disk.ts';
+import { checkZfsHost, createZfsPool, endZfsDaemon, ensureZfsDaemon, minZfsPoolSizeBytes, newZfsRecord, removeZfsPool, zfsDaemonLabel, zfsPoolImported, type ZfsRecord } from './lab-zfs.ts';
 
 export interface LabUpOptions {
   /** Lab folder; default ./.snapshift-lab. */
   dir?: string;
   /** Size of each datastore's sparse loop file; default 4 GiB. */
   datastoreSizeBytes?: number;
+  /** Also a ZFS datastore (zfs-fuse, a pool on a sparse file); see `zfsUp`. */
+  zfs?: boolean;
+}
+
+export interface ZfsUpOptions {
+  /** Size of the pool's sparse file; default 4 GiB. */
+  sizeBytes?: number;
+}
+
+/** The lab's ZFS datastore, for storage providers and tests. */
+export interface LabZfs {
+  poolName: string;
+  /** `<pool>/vms`: the dataset VM disks live on. */
+  dataset: string;
+  mountPoint: string;
+  vmDisksDir: string;
 }
 
 export interface LabDownOptions {
@@ -33,6 +50,10 @@ export interface LabDownReport {
   wasUp: boolean;
   endedPids: number[];
   removedDatastores: DatastoreKind[];
+  /** The ZFS pool destroyed, if the lab had one. */
+  removedZfsPool?: string;
+  /** What became of the zfs-fuse daemon: ended; kept (not ours, or other pools still use it); gone already. */
+  zfsDaemon?: 'ended' | 'kept' | 'gone';
 }
 
 export interface CreateVmOptions {
@@ -58,6 +79,7 @@ export interface LabStatus {
   vms: Array<VmRecord & { running: boolean; pid?: number; qmpSocketPath: string }>;
   /** Every recorded process (VMs and others, e.g. storage daemons) and whether it still runs. */
   processes: Array<ProcessRecord & { running: boolean }>;
+  zfs?: ZfsRecord & { imported: boolean; vmDisksDir: string };
 }
 
 export const defaultDatastoreSizeBytes = 4 * 1024 ** 3;
@@ -114,6 +136,7 @@ export class Lab implements AsyncDisposable {
           }),
         );
       }
+      if (options.zfs) await lab.zfsUp({ sizeBytes });
       return lab;
     } catch (error) {
       try {
@@ -145,10 +168,12 @@ export class Lab implements AsyncDisposable {
     if (state) {
       report.wasUp = true;
       const lab = new Lab(layout);
-      for (const process of state.processes) {
+      // Every process first (they hold files on the datastores), but the ZFS daemon only after its pool is gone.
+      for (const process of state.processes.filter((p) => p.label !== zfsDaemonLabel)) {
         if (await endOwnedProcess(process)) report.endedPids.push(process.pid);
         await lab.forgetProcess(process.label);
       }
+      Object.assign(report, await lab.zfsDown());
       for (const datastore of [...state.datastores].reverse()) {
         await removeDatastore(datastore);
         report.removedDatastores.push(datastore.kind);
@@ -158,8 +183,8 @@ export class Lab implements AsyncDisposable {
       }
     }
     // Only folders we made, and only after every mount under them is gone (removeDatastore rmdirs those).
-    for (const kind of datastoreKinds) {
-      if (await isMounted(layout.mountPoint(kind))) throw new SnapshiftError('LAB_UNMOUNT_FAILED', `${layout.mountPoint(kind)} is still mounted; not removing the lab folder`);
+    for (const mountPoint of [...datastoreKinds.map((kind) => layout.mountPoint(kind)), layout.zfsMountPoint]) {
+      if (await isMounted(mountPoint)) throw new SnapshiftError('LAB_UNMOUNT_FAILED', `${mountPoint} is still mounted; not removing the lab folder`);
     }
     await fs.rm(path.join(layout.dir, 'vms'), { recursive: true, force: true });
     await fs.rm(layout.tmpDir, { recursive: true, force: true });
@@ -197,13 +222,73 @@ export class Lab implements AsyncDisposable {
       const process = processes.find((p) => p.label === vmProcessLabel(vm.name) && p.running);
       return { ...vm, running: process !== undefined, ...(process ? { pid: process.pid } : {}), qmpSocketPath: guestRunFiles(this.layout.vmRunDir(vm.name)).qmpSocket };
     });
-    const up = datastores.length === datastoreKinds.length && datastores.every((d) => d.mounted);
-    return { dir: this.dir, up, datastores, vms, processes };
+    const zfs = state.zfs ? { ...state.zfs, imported: await zfsPoolImported(state.zfs.poolName), vmDisksDir: path.join(state.zfs.mountPoint, 'vms') } : undefined;
+    const up = datastores.length === datastoreKinds.length && datastores.every((d) => d.mounted) && (zfs === undefined || zfs.imported);
+    return { dir: this.dir, up, datastores, vms, processes, ...(zfs ? { zfs } : {}) };
   }
 
   /** Where a datastore keeps VM disks and snapshots (for storage providers and tests). */
   datastore(kind: DatastoreKind): { kind: DatastoreKind; mountPoint: string; vmDisksDir: string; snapshotsDir: string } {
     return { kind, mountPoint: this.layout.mountPoint(kind), vmDisksDir: this.layout.vmDisksDir(kind), snapshotsDir: this.layout.snapshotsDir(kind) };
+  }
+
+  /**
+   * Adds a ZFS datastore to this lab: starts zfs-fuse unless a ZFS daemon already answers (then it is used,
+   * never recorded, never ended), makes a pool named for this lab on a sparse file under the lab folder, with
+   * the dataset `<pool>/vms` for VM disks. Each thing is recorded before it is made; a failure undoes it all.
+   */
+  async zfsUp(options: ZfsUpOptions = {}): Promise<LabZfs> {
+    const sizeBytes = options.sizeBytes ?? defaultDatastoreSizeBytes;
+    if (sizeBytes < minZfsPoolSizeBytes) throw new SnapshiftError('BAD_ARGUMENT', `ZFS pool size ${formatByteSize(sizeBytes)} is too small (at least ${formatByteSize(minZfsPoolSizeBytes)})`);
+    const state = await this.state();
+    if (state.zfs) {
+      if (await zfsPoolImported(state.zfs.poolName)) return this.zfs();
+      throw new SnapshiftError('LAB_BROKEN', `the lab's ZFS pool ${state.zfs.poolName} is recorded but not imported; run "snapshift lab zfs down --dir ${this.dir}" first`);
+    }
+    await checkZfsHost();
+    try {
+      await ensureZfsDaemon((daemon) => this.recordProcess(daemon));
+      const zfsRecord = newZfsRecord(this.layout.zfsImageFile, this.layout.zfsMountPoint, sizeBytes);
+      await this.#update((current) => {
+        current.zfs = zfsRecord;
+      });
+      await fs.mkdir(path.dirname(zfsRecord.imagePath), { recursive: true });
+      await createZfsPool(zfsRecord);
+      return await this.zfs();
+    } catch (error) {
+      try {
+        await this.zfsDown();
+      } catch (cleanupError) {
+        throw new SnapshiftError('LAB_ZFS_FAILED', `ZFS up failed (${messageOf(error)}) and cleaning up failed too (${messageOf(cleanupError)}); run "snapshift lab zfs down --dir ${this.dir}"`, { cause: error });
+      }
+      throw error;
+    }
+  }
+
+  /** Removes exactly the lab's pool and, if this lab started it and no other pool uses it, zfs-fuse. */
+  async zfsDown(): Promise<Pick<LabDownReport, 'removedZfsPool' | 'zfsDaemon'>> {
+    const state = await this.state();
+    const report: Pick<LabDownReport, 'removedZfsPool' | 'zfsDaemon'> = {};
+    if (state.zfs) {
+      await removeZfsPool(state.zfs);
+      report.removedZfsPool = state.zfs.poolName;
+      await this.#update((current) => {
+        delete current.zfs;
+      });
+    }
+    const daemon = state.processes.find((p) => p.label === zfsDaemonLabel);
+    if (daemon) {
+      report.zfsDaemon = await endZfsDaemon(daemon);
+      await this.forgetProcess(daemon.label);
+    }
+    return report;
+  }
+
+  /** The ZFS datastore; fails with a clear message when `zfsUp` has not made one. */
+  async zfs(): Promise<LabZfs> {
+    const zfsRecord = (await this.state()).zfs;
+    if (!zfsRecord) throw new SnapshiftError('LAB_DATASTORE_UNKNOWN', `the lab at ${this.dir} has no ZFS datastore (run "snapshift lab zfs up --dir ${this.dir}")`);
+    return { poolName: zfsRecord.poolName, dataset: zfsRecord.dataset, mountPoint: zfsRecord.mountPoint, vmDisksDir: path.join(zfsRecord.mountPoint, 'vms') };
   }
 
   /** Defines a VM: a qcow2 disk on the datastore, `fillBytes` of random data at its start, the rest sparse. */

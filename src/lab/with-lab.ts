@@ -2,7 +2,7 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before } from 'node:test';
-import { Lab, type LabUpOptions } from './lab.ts';
+import { Lab, type LabUpOptions, type LabZfs } from './lab.ts';
 
 /** The part of node:test's TestContext this helper needs (t.after registers a hook that runs even on failure). */
 export interface AfterHookOwner {
@@ -47,6 +47,25 @@ export function withLab(options: TestLabOptions = {}): () => Lab {
   return () => {
     if (!lab) throw new Error('the lab is not up (withLab must be called at the top of a test file or describe block)');
     return lab;
+  };
+}
+
+/**
+ * Like `withLab`, with the lab's ZFS datastore too (zfs-fuse, a pool on a sparse file); the teardown in
+ * `after` destroys the pool and ends zfs-fuse if this lab started it, even when a test or `before` failed.
+ *
+ *   const zfs = withZfs();
+ *   test('…', async () => { const disk = join(zfs().zfs.vmDisksDir, 'vm1.qcow2'); … });
+ */
+export function withZfs(options: Omit<TestLabOptions, 'zfs'> = {}): () => { lab: Lab; zfs: LabZfs } {
+  const lab = withLab({ ...options, zfs: true });
+  let zfs: LabZfs | undefined;
+  before(async () => {
+    zfs = await lab().zfs();
+  });
+  return () => {
+    if (!zfs) throw new Error('the ZFS lab is not up (withZfs must be called at the top of a test file or describe block)');
+    return { lab: lab(), zfs };
   };
 }
 
