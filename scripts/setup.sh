@@ -10,6 +10,7 @@ APT_PACKAGES=(
   busybox-static cpio               # the tiny guest's initramfs
   libnbd-bin                        # nbdinfo / nbdcopy: references our NBD client is compared with
   restic                            # the repository benchmark's yardstick
+  ceph-mon ceph-osd ceph-mgr ceph-common  # single-node Ceph for the RBD storage provider and its lab
   util-linux e2fsprogs xz-utils zstd lz4
 )
 

@@ -14,5 +14,8 @@ export { isOwnedProcessAlive, endOwnedProcess } from './owned-process.ts';
 export { listLoopDevices, listMounts } from './host-inventory.ts';
 export { parseByteSize, formatByteSize } from './byte-size.ts';
 export { withLab, labFor, useSharedTestCache } from './with-lab.ts';
+export { LabCeph, cephConfPath, labCephPool } from './ceph.ts';
+export type { CephUpOptions, CephStatus, CephDownReport } from './ceph.ts';
+export { withCeph } from './with-ceph.ts';
 export type { TestLabOptions } from './with-lab.ts';
 // The guest-less disk (qemu-storage-daemon + NBD) is re-exported here once ./storage-daemon.ts lands.

@@ -25,6 +25,8 @@ export interface BackupRunInput {
   signal?: AbortSignal;
   readAhead?: number;
   maxReadBytesPerSecond?: number;
+  /** Where VM snapshot overlays of non-file disks (RBD) go; created if missing. */
+  overlayFolder?: string;
   hooks?: StorageGroupInput['hooks'];
 }
 
@@ -49,6 +51,7 @@ export interface BackupRunResult {
 export async function runBackup(input: BackupRunInput): Promise<BackupRunResult> {
   const sessionId = randomUUID();
   mkdirSync(input.runDir, { recursive: true });
+  if (input.overlayFolder !== undefined) mkdirSync(input.overlayFolder, { recursive: true });
   const systems = input.systems ?? storageSystems();
   const hunted = {
     vmSnapshots: [...(await huntVmSnapshots(input.catalog)), ...(await huntOverlaysOnHosts(input.catalog))],
