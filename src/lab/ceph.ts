@@ -258,6 +258,10 @@ bluestore cache autotune = false
 bluestore cache size = 134217728
 mgr modules =
 mgr initial modules =
+
+[client]
+# Daemons keep their admin sockets; clients (rbd, QEMU's librbd) would all race for client.admin.asok.
+admin socket =
 `;
 }
 
