@@ -107,7 +107,7 @@ function registerLabCephCommands(lab: Command): void {
   const ceph = lab.command('ceph').description('single-node Ceph for RBD disks: 1 monitor, 1 manager, 1 OSD on a sparse file, loopback, no auth');
 
   withDir(ceph.command('up'))
-    .description('start Ceph in <lab>/ceph with an "rbd" pool (~13 s); clients use its ceph.conf (rbd -c, CEPH_CONF, SNAPSHIFT_CEPH_CONF)')
+    .description('start Ceph in <lab>/ceph with an "rbd" pool (~7 s); clients use its ceph.conf (rbd -c, CEPH_CONF, SNAPSHIFT_CEPH_CONF)')
     .option('--port <port>', "the monitor's port on 127.0.0.1 (default: a free one)")
     .option('--osd-size <size>', "sparse size of the OSD's file", '4G')
     .action(async (options: DirOptions & { port?: string; osdSize: string }) => {
