@@ -11,6 +11,7 @@ APT_PACKAGES=(
   libnbd-bin                        # nbdinfo / nbdcopy: references our NBD client is compared with
   restic                            # the repository benchmark's yardstick
   zfs-fuse                          # the lab's ZFS datastore (zfs-fuse: no kernel module needed)
+  ceph-mon ceph-osd ceph-mgr ceph-common  # single-node Ceph for the RBD storage provider and its lab
   util-linux e2fsprogs xz-utils zstd lz4
 )
 

@@ -1,6 +1,6 @@
 import type { Command } from 'commander';
 import { SnapshiftError } from '../core/errors.ts';
-import { Lab, datastoreKinds, defaultLabDir, isDatastoreKind, formatByteSize, parseByteSize, zfsDaemonLabel, type LabStatus } from '../lab/index.ts';
+import { Lab, LabCeph, datastoreKinds, defaultLabDir, isDatastoreKind, formatByteSize, parseByteSize, zfsDaemonLabel, type LabStatus } from '../lab/index.ts';
 
 interface DirOptions {
   dir: string;
@@ -122,6 +122,44 @@ export function registerLabCommands(program: Command): void {
       if (options.json) return printJson(vms);
       if (vms.length === 0) console.log('no VMs (create one with "snapshift lab vm create NAME --datastore btrfs")');
       for (const v of vms) console.log(`${v.name.padEnd(12)} ${v.running ? `running (pid ${v.pid})` : 'stopped'.padEnd(20)} ${v.datastore.padEnd(5)} ${formatByteSize(v.sizeBytes).padEnd(8)} ${v.diskPath}`);
+    });
+
+  registerLabCephCommands(lab);
+}
+
+/** `snapshift lab ceph up|down|status`: single-node Ceph (RBD) in <lab>/ceph. */
+function registerLabCephCommands(lab: Command): void {
+  const ceph = lab.command('ceph').description('single-node Ceph for RBD disks: 1 monitor, 1 manager, 1 OSD on a sparse file, loopback, no auth');
+
+  withDir(ceph.command('up'))
+    .description('start Ceph in <lab>/ceph with an "rbd" pool (~7 s); clients use its ceph.conf (rbd -c, CEPH_CONF, SNAPSHIFT_CEPH_CONF)')
+    .option('--port <port>', "the monitor's port on 127.0.0.1 (default: a free one)")
+    .option('--osd-size <size>', "sparse size of the OSD's file", '4G')
+    .action(async (options: DirOptions & { port?: string; osdSize: string }) => {
+      const port = options.port === undefined ? undefined : Number(options.port);
+      if (port !== undefined && !(Number.isInteger(port) && port > 0 && port < 65536)) throw new SnapshiftError('BAD_ARGUMENT', `--port ${options.port} is not a TCP port`);
+      const started = Date.now();
+      const up = await LabCeph.up({ dir: options.dir, osdSizeBytes: parseByteSize(options.osdSize, '--osd-size'), ...(port === undefined ? {} : { port }) });
+      console.log(`Ceph up in ${up.dir}, pool "${up.pool}" (${Date.now() - started} ms)`);
+      console.log(`export SNAPSHIFT_CEPH_CONF=${up.confPath} CEPH_CONF=${up.confPath}`);
+    });
+
+  withDir(ceph.command('down'))
+    .description('end the Ceph daemons the lab started (by PID) and remove <lab>/ceph')
+    .action(async (options: DirOptions) => {
+      const report = await LabCeph.down(options.dir);
+      console.log(report.wasUp ? `Ceph down in ${report.labDir}: ended ${report.endedPids.length} process(es)` : `no Ceph in ${report.labDir}; nothing to do`);
+    });
+
+  withDir(ceph.command('status'))
+    .description("show the lab's Ceph: its config and daemons")
+    .option('--json', 'print one JSON document')
+    .action(async (options: DirOptions & { json?: boolean }) => {
+      const status = await LabCeph.status(options.dir);
+      if (options.json) return printJson(status);
+      console.log(`Ceph in ${status.labDir}: ${status.up ? 'up' : status.processes.length > 0 ? 'half up (run lab ceph down)' : 'not up'}`);
+      if (status.up) console.log(`  conf ${status.confPath}; pool ${status.pool}`);
+      for (const p of status.processes) console.log(`  ${p.label.padEnd(12)} pid ${p.pid} ${p.running ? 'running' : 'gone'}`);
     });
 }
 

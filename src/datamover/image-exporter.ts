@@ -6,6 +6,7 @@ import { start } from '../core/exec.ts';
 import type { DiskExport } from '../hypervisor/hypervisor.ts';
 
 export interface ImageExportOptions {
+  /** A file path, or `json:{…}` protocol options as QEMU names nodes (e.g. an RBD snapshot: driver rbd, pool, image, snapshot, conf). */
   imagePath: string;
   format: string;
   /** Folder for the NBD socket. */
@@ -21,7 +22,7 @@ export interface ImageExportOptions {
 export async function exportImageReadOnly(options: ImageExportOptions): Promise<DiskExport> {
   const socketPath = join(options.runDir, `${options.exportName}.nbd.sock`);
   await rm(socketPath, { force: true });
-  const file = { driver: 'file', filename: options.imagePath, 'read-only': true };
+  const file = { ...protocolOptionsOf(options.imagePath), 'read-only': true };
   const node = options.format === 'raw' ? { ...file, 'node-name': 'image' } : { driver: options.format, 'node-name': 'image', 'read-only': true, file };
   const daemon = start('qemu-storage-daemon', [
     '--blockdev',
@@ -48,6 +49,16 @@ export async function exportImageReadOnly(options: ImageExportOptions): Promise<
       await rm(socketPath, { force: true });
     },
   };
+}
+
+/** Blockdev options of the image's protocol node: a plain path is a file; `json:{…}` carries its own driver. */
+function protocolOptionsOf(imagePath: string): Record<string, unknown> {
+  if (!imagePath.startsWith('json:')) return { driver: 'file', filename: imagePath };
+  const options: unknown = JSON.parse(imagePath.slice('json:'.length));
+  if (typeof options !== 'object' || options === null || typeof (options as { driver?: unknown }).driver !== 'string') {
+    throw new SnapshiftError('IMAGE_EXPORT_FAILED', `cannot serve ${imagePath}: not a QEMU json: block node name with a driver`);
+  }
+  return options as Record<string, unknown>;
 }
 
 async function waitForSocket(socketPath: string, daemon: ChildProcess, timeoutMs: number, stderr: () => string): Promise<void> {

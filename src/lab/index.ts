@@ -16,5 +16,8 @@ export { parseByteSize, formatByteSize } from './byte-size.ts';
 export { withLab, withZfs, labFor, useSharedTestCache } from './with-lab.ts';
 export { zfsDaemonLabel } from './lab-zfs.ts';
 export type { ZfsRecord } from './lab-zfs.ts';
+export { LabCeph, cephConfPath, labCephPool } from './ceph.ts';
+export type { CephUpOptions, CephStatus, CephDownReport } from './ceph.ts';
+export { withCeph } from './with-ceph.ts';
 export type { TestLabOptions } from './with-lab.ts';
 // The guest-less disk (qemu-storage-daemon + NBD) is re-exported here once ./storage-daemon.ts lands.

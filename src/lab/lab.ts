@@ -117,7 +117,8 @@ export class Lab implements AsyncDisposable {
     await checkLabHost();
 
     const existing = await readLabState(layout.stateFile);
-    if (existing) {
+    // A state without datastores is a lab that holds only Ceph (`lab ceph up`): add the datastores to it.
+    if (existing && existing.datastores.length > 0) {
       const lab = new Lab(layout);
       const status = await lab.status();
       if (status.up) return lab;
@@ -128,7 +129,7 @@ export class Lab implements AsyncDisposable {
     const lab = new Lab(layout);
     try {
       await fs.mkdir(layout.dir, { recursive: true });
-      await writeLabState(layout.stateFile, emptyLabState(layout.dir));
+      if (!existing) await writeLabState(layout.stateFile, emptyLabState(layout.dir));
       for (const kind of datastoreKinds) {
         await createDatastore(layout, kind, sizeBytes, (datastore) =>
           lab.#update((state) => {
@@ -188,6 +189,7 @@ export class Lab implements AsyncDisposable {
     }
     await fs.rm(path.join(layout.dir, 'vms'), { recursive: true, force: true });
     await fs.rm(layout.tmpDir, { recursive: true, force: true });
+    await fs.rm(path.join(layout.dir, 'ceph'), { recursive: true, force: true }); // lab ceph's data; its daemons ended above
     for (const emptyDir of [path.join(layout.dir, 'mnt'), path.join(layout.dir, 'images')]) await fs.rmdir(emptyDir).catch(() => undefined);
     if (options.purgeCache) await fs.rm(path.join(layout.dir, 'cache'), { recursive: true, force: true });
     await fs.rm(layout.stateFile, { force: true });

@@ -7,7 +7,10 @@ import { SnapshiftError } from '../core/errors.ts';
 import { QmpClient } from '../hypervisor/qemu/qmp-client.ts';
 
 export interface StorageDaemonImage {
-  path: string;
+  /** The image file (required unless `rbd` is given). */
+  path?: string;
+  /** An RBD image instead of a file, opened by QEMU's rbd driver (no kernel rbd needed); its disk path is `rbd:pool/image`. */
+  rbd?: { pool: string; image: string; conf: string };
   format: 'qcow2' | 'raw';
   /** Format node name; default `disk<i>`. Its protocol (file) node is `<nodeName>-file`. */
   nodeName?: string;
@@ -27,6 +30,7 @@ export interface StorageDaemonOptions {
 
 /** One image as the daemon serves it. */
 export interface StorageDaemonDisk {
+  /** The image file, or `rbd:pool/image`. */
   path: string;
   format: 'qcow2' | 'raw';
   nodeName: string;
@@ -82,14 +86,18 @@ export class StorageDaemon implements AsyncDisposable {
     if (options.images.length === 0) throw new SnapshiftError('BAD_ARGUMENT', 'a storage daemon needs at least one image');
     const disks = options.images.map((image, index): StorageDaemonDisk => {
       const nodeName = image.nodeName ?? `disk${index}`;
-      return { path: image.path, format: image.format, nodeName, fileNodeName: `${nodeName}-file`, exportName: image.exportName ?? nodeName, exportId: `${nodeName}-export` };
+      const path = image.rbd ? `rbd:${image.rbd.pool}/${image.rbd.image}` : image.path;
+      if (path === undefined) throw new SnapshiftError('BAD_ARGUMENT', `storage daemon image ${index} needs a path or an rbd image`);
+      return { path, format: image.format, nodeName, fileNodeName: `${nodeName}-file`, exportName: image.exportName ?? nodeName, exportId: `${nodeName}-export` };
     });
     const dir = options.dir;
     for (const name of ['qmp.sock', 'lab-qmp.sock', 'nbd.sock']) await rm(join(dir, name), { force: true });
     const args: string[] = [];
-    for (const disk of disks) {
-      args.push('--blockdev', `driver=file,node-name=${disk.fileNodeName},filename=${escapeOption(disk.path)}`);
-      const image = options.images[disks.indexOf(disk)]!;
+    for (const [index, disk] of disks.entries()) {
+      const image = options.images[index]!;
+      const rbd = image.rbd;
+      if (rbd) args.push('--blockdev', JSON.stringify({ driver: 'rbd', 'node-name': disk.fileNodeName, pool: rbd.pool, image: rbd.image, conf: rbd.conf }));
+      else args.push('--blockdev', `driver=file,node-name=${disk.fileNodeName},filename=${escapeOption(disk.path)}`);
       let child = disk.fileNodeName;
       if (image.failReads) {
         child = `${disk.nodeName}-faulty`;

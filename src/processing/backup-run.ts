@@ -25,6 +25,8 @@ export interface BackupRunInput {
   signal?: AbortSignal;
   readAhead?: number;
   maxReadBytesPerSecond?: number;
+  /** Where VM snapshot overlays of non-file disks (RBD) go; created if missing. */
+  overlayFolder?: string;
   hooks?: StorageGroupInput['hooks'];
   /** Tasks (a VM in regular mode, a group in storage-snapshot mode) that run at once; default 1. */
   parallel?: number;
@@ -53,6 +55,7 @@ export interface BackupRunResult {
 export async function runBackup(input: BackupRunInput): Promise<BackupRunResult> {
   const sessionId = input.sessionId ?? randomUUID();
   mkdirSync(input.runDir, { recursive: true });
+  if (input.overlayFolder !== undefined) mkdirSync(input.overlayFolder, { recursive: true });
   const systems = input.systems ?? storageSystems();
   const hunted = {
     vmSnapshots: [...(await huntVmSnapshots(input.catalog)), ...(await huntOverlaysOnHosts(input.catalog))],

@@ -28,6 +28,8 @@ export interface BackupTaskInput {
   signal?: AbortSignal;
   readAhead?: number;
   maxReadBytesPerSecond?: number;
+  /** Where VM snapshot overlays of non-file disks (RBD) go; file disks get theirs beside the image. */
+  overlayFolder?: string;
   /** Why a storage-snapshot task runs in regular mode instead; recorded with the restore point. */
   failoverReason?: string;
   /** The run already hunted leftovers before its first task. */
@@ -84,6 +86,7 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
     {
       await using vmSnapshot = await host.snapshot(disks, {
         tag,
+        overlayFolder: input.overlayFolder,
         ledger: {
           recordIntent: (overlays) =>
             catalog.recordVmSnapshotIntent({ vmName: hostRecord.name, qmpSocketPath: hostRecord.qmpSocketPath, ownerPid: process.pid, sessionId, overlays: [...overlays] }),

@@ -26,6 +26,8 @@ export interface StorageGroupInput {
   signal?: AbortSignal;
   readAhead?: number;
   maxReadBytesPerSecond?: number;
+  /** Where VM snapshot overlays of non-file disks (RBD) go; file disks get theirs beside the image. */
+  overlayFolder?: string;
   /** Test hooks at the two moments a crash matters most. */
   hooks?: { afterStorageSnapshot?: () => Promise<void> | void; afterVmSnapshots?: () => Promise<void> | void };
 }
@@ -89,6 +91,7 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
     try {
       member.vmSnapshot = await member.host.snapshot(member.disks, {
         tag,
+        overlayFolder: input.overlayFolder,
         ledger: {
           recordIntent: (overlays) =>
             input.catalog.recordVmSnapshotIntent({ vmName: member.record.name, qmpSocketPath: member.record.qmpSocketPath, ownerPid: process.pid, sessionId: input.sessionId, overlays: [...overlays] }),

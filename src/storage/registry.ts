@@ -1,11 +1,12 @@
 import { BtrfsStorage } from './btrfs/btrfs-storage.ts';
+import { CephRbdStorage } from './ceph-rbd/ceph-rbd-storage.ts';
 import type { StorageSystem, Volume } from './storage-system.ts';
 import { XfsStorage } from './xfs/xfs-storage.ts';
 import { ZfsStorage } from './zfs/zfs-storage.ts';
 
 /** Every storage system snapshift knows; adding one is one line here and its own folder. */
 export function storageSystems(): StorageSystem[] {
-  return [new BtrfsStorage(), new XfsStorage(), new ZfsStorage()];
+  return [new BtrfsStorage(), new XfsStorage(), new ZfsStorage(), new CephRbdStorage()];
 }
 
 export interface LocatedImage {

@@ -2,6 +2,7 @@
 // the debris a crash leaves (a VM snapshot or a storage snapshot nobody will remove).
 //   node --import tsx test/support/backup-child.ts HOME REPO MODE PAUSE_AT VM...
 // PAUSE_AT: vm-snapshot | storage-snapshot | copy. Prints "PAUSED" when there. Password from SNAPSHIFT_PASSWORD.
+// Overlays of non-file disks (RBD) go to SNAPSHIFT_TEST_OVERLAY_FOLDER when set.
 import { join } from 'node:path';
 import { Catalog } from '../../src/catalog/index.ts';
 import { runBackup, type ProcessingMode } from '../../src/processing/backup-run.ts';
@@ -20,6 +21,7 @@ await runBackup({
   repository,
   catalog,
   runDir: join(home!, 'run'),
+  overlayFolder: process.env['SNAPSHIFT_TEST_OVERLAY_FOLDER'],
   maxReadBytesPerSecond: pauseAt === 'copy' ? 1024 * 1024 : undefined,
   onProgress: (progress) => {
     if (pauseAt === 'copy' && progress.phase === 'copy' && progress.processedBytes > 0) process.stdout.write('COPYING\n');

@@ -52,10 +52,27 @@ function diskFromNode(name: string, node: BlockNodeInfo, protocolNode: BlockNode
   return {
     name,
     nodeName: node['node-name'],
-    imagePath: protocolNode?.file ?? node.file,
+    imagePath: imagePathOf(protocolNode ?? node),
     format: isFormat ? node.drv : 'raw',
     protocol: protocolNode?.drv ?? node.drv,
     virtualSizeBytes: node.image['virtual-size'],
     actualSizeBytes: node.image['actual-size'],
   };
+}
+
+/**
+ * QEMU 7.2 names an rbd node `json:{"pool": …, "image": …, "conf": …, "driver": "rbd", "namespace": ""}`
+ * (for `-drive file=rbd:…` and `--blockdev driver=rbd` alike); we name the disk `rbd:pool[/namespace]/image`,
+ * the image's identity whatever options QEMU opened it with.
+ */
+function imagePathOf(node: BlockNodeInfo): string {
+  if (node.drv !== 'rbd' || !node.file.startsWith('json:')) return node.file;
+  try {
+    const options = JSON.parse(node.file.slice('json:'.length)) as { pool?: unknown; namespace?: unknown; image?: unknown };
+    if (typeof options.pool !== 'string' || typeof options.image !== 'string') return node.file;
+    const namespace = typeof options.namespace === 'string' && options.namespace !== '' ? `${options.namespace}/` : '';
+    return `rbd:${options.pool}/${namespace}${options.image}`;
+  } catch {
+    return node.file;
+  }
 }
