@@ -1,6 +1,6 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readdirSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
@@ -9,27 +9,16 @@ import { join } from 'node:path';
 import { Catalog } from '../../src/catalog/index.ts';
 import { exec } from '../../src/core/exec.ts';
 import { NbdClient } from '../../src/datamover/nbd/index.ts';
-import { QmpClient } from '../../src/hypervisor/qemu/qmp-client.ts';
 import { StorageDaemon } from '../../src/lab/storage-daemon.ts';
 import { runBackup } from '../../src/processing/backup-run.ts';
 import { checkRepository, initRepository, openRepository, type Repository } from '../../src/repository/index.ts';
 import { restoreDisk } from '../../src/restore/disk-restore.ts';
 import { makeWorkspace, md5File, md5OfImage, runCli } from '../support/workspace.ts';
+import { guestWrite, snapshiftNodesOf } from '../support/guest-io.ts';
+import { sigkill, startPausedBackup } from '../support/paused-backup.ts';
 
 const MiB = 1024 * 1024;
 const password = 'faults';
-
-async function guestWrite(daemon: StorageDaemon, offset: number, data: Buffer): Promise<void> {
-  await using nbd = await NbdClient.connect({ socketPath: daemon.nbdSocketPath, exportName: 'disk0' });
-  await nbd.write(offset, data);
-  await nbd.flush();
-}
-
-async function overlayNodes(daemon: StorageDaemon): Promise<string[]> {
-  await using qmp = await QmpClient.connect(daemon.qmpSocketPath);
-  const nodes = await qmp.execute<Array<{ 'node-name': string }>>('query-named-block-nodes', { flat: true });
-  return nodes.map((node) => node['node-name']).filter((name) => name.startsWith('snapshift-'));
-}
 
 describe('regular processing: faults and bad input', () => {
   let workspace: Awaited<ReturnType<typeof makeWorkspace>>;
@@ -73,18 +62,9 @@ describe('regular processing: faults and bad input', () => {
 
   test('the backup process SIGKILLed during the copy: the VM runs on, the next backup commits the delta first, the repository checks clean', async () => {
     const { daemon, dir } = await makeVm('killed', 64 * MiB, 24 * MiB);
-    const child = spawn('node', ['--import', 'tsx', 'test/support/backup-child.ts', home(), repoPath(), 'regular', 'copy', 'killed'], {
-      env: { ...process.env, SNAPSHIFT_PASSWORD: password },
-      stdio: ['ignore', 'pipe', 'inherit'],
-    });
+    const child = await startPausedBackup({ home: home(), repo: repoPath(), mode: 'regular', pauseAt: 'copy', vmNames: ['killed'], env: { SNAPSHIFT_PASSWORD: password } });
     children.push(child);
-    await new Promise<void>((resolve, reject) => {
-      child.stdout!.on('data', (chunk: Buffer) => chunk.toString().includes('COPYING') && resolve());
-      child.on('exit', (code) => reject(new Error(`backup child exited (${code}) before copying`)));
-    });
-    const exited = new Promise((resolve) => child.once('exit', resolve));
-    child.kill('SIGKILL');
-    await exited;
+    await sigkill(child);
 
     assert.ok(existsSync(join(dir, 'killed-00001.qcow2')), 'the killed backup left its overlay');
     assert.equal(catalog.listVmSnapshotLedger('killed').length, 1, 'and its ledger row');
@@ -96,7 +76,7 @@ describe('regular processing: faults and bad input', () => {
     assert.equal(run.outcomes[0]!.error, undefined, run.outcomes[0]!.error?.message);
     assert.ok(run.hunted.vmSnapshots.some((action) => action.action === 'committed-live' && action.overlayPath.endsWith('killed-00001.qcow2')));
     assert.deepEqual(readdirSync(dir).filter((name) => name.endsWith('.qcow2')), ['killed.qcow2']);
-    assert.deepEqual(await overlayNodes(daemon), []);
+    assert.deepEqual(await snapshiftNodesOf(daemon), []);
     assert.deepEqual(catalog.listVmSnapshotLedger(), []);
     await using nbd = await NbdClient.connect({ socketPath: daemon.nbdSocketPath, exportName: 'disk0' });
     assert.deepEqual(await nbd.read(40 * MiB, MiB), afterKill, 'the write made into the orphaned overlay was committed, not lost');
@@ -156,7 +136,7 @@ describe('regular processing: faults and bad input', () => {
     assert.equal(error?.code, 'REPO_DISK_FULL');
     assert.match(error!.message, /no space left/);
     assert.deepEqual(readdirSync(dir).filter((name) => name.endsWith('.qcow2')), ['full.qcow2'], 'the VM snapshot was committed');
-    assert.deepEqual(await overlayNodes(daemon), []);
+    assert.deepEqual(await snapshiftNodesOf(daemon), []);
     assert.deepEqual(catalog.listVmSnapshotLedger(), []);
     assert.deepEqual((await repository.listRestorePoints('full')).map((point) => point.id), [first.outcomes[0]!.result!.restorePoint.id]);
     assert.deepEqual((await checkRepository(repository, { readDataPercent: 100 })).problems, []);
@@ -182,7 +162,7 @@ describe('regular processing: faults and bad input', () => {
     assert.equal(unsupported.status, 2);
     assert.match(unsupported.stderr, /^snapshift: disk disk0 .* is vmdk: only qcow2 and raw disks can be snapshotted; the VM was not touched\n$/);
     assert.deepEqual(readdirSync(dir).sort(), before);
-    assert.deepEqual(await overlayNodes(daemon), []);
+    assert.deepEqual(await snapshiftNodesOf(daemon), []);
     assert.deepEqual(catalog.listVmSnapshotLedger(), []);
   });
 });

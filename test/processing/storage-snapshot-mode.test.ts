@@ -1,6 +1,6 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
@@ -16,15 +16,11 @@ import { huntStorageSnapshots } from '../../src/processing/storage-hunter.ts';
 import { initRepository, openRepository, type Repository } from '../../src/repository/index.ts';
 import { restoreDisk } from '../../src/restore/disk-restore.ts';
 import { makeWorkspace, md5File, md5OfImage } from '../support/workspace.ts';
+import { guestWrite } from '../support/guest-io.ts';
+import { sigkill, startPausedBackup } from '../support/paused-backup.ts';
 
 const MiB = 1024 * 1024;
 const password = 'storage-test';
-
-async function guestWrite(daemon: StorageDaemon, offset: number, data: Buffer): Promise<void> {
-  await using nbd = await NbdClient.connect({ socketPath: daemon.nbdSocketPath, exportName: 'disk0' });
-  await nbd.write(offset, data);
-  await nbd.flush();
-}
 
 async function ownSnapshotsOn(mountPoint: string): Promise<string[]> {
   const folder = join(mountPoint, '.snapshift-snapshots');
@@ -146,24 +142,11 @@ describe('backup from storage snapshots (btrfs, XFS), guest-less', () => {
     assert.deepEqual(catalog.listVmSnapshotLedger(), []);
   });
 
-  /** Starts a backup in a child process that stops at `pauseAt`; resolves once it is there. */
-  async function pausedBackup(vmName: string, pauseAt: string): Promise<ChildProcess> {
-    const child = spawn('node', ['--import', 'tsx', 'test/support/backup-child.ts', join(workspace.dir, 'home'), join(workspace.dir, 'repo'), 'storage-snapshot', pauseAt, vmName], {
-      env: { ...process.env, SNAPSHIFT_PASSWORD: password },
-      stdio: ['ignore', 'pipe', 'inherit'],
-    });
+  /** A storage-snapshot backup of `vmName` in a child process, stopped at `pauseAt`. */
+  async function pausedBackup(vmName: string, pauseAt: 'vm-snapshot' | 'storage-snapshot'): Promise<ChildProcess> {
+    const child = await startPausedBackup({ home: join(workspace.dir, 'home'), repo: join(workspace.dir, 'repo'), mode: 'storage-snapshot', pauseAt, vmNames: [vmName], env: { SNAPSHIFT_PASSWORD: password } });
     children.push(child);
-    await new Promise<void>((resolve, reject) => {
-      child.stdout!.on('data', (chunk: Buffer) => chunk.toString().includes('PAUSED') && resolve());
-      child.on('exit', (code) => reject(new Error(`backup child exited (${code}) before pausing`)));
-    });
     return child;
-  }
-
-  async function sigkill(child: ChildProcess): Promise<void> {
-    const exited = new Promise((resolve) => child.once('exit', resolve));
-    child.kill('SIGKILL');
-    await exited;
   }
 
   test('hunter: after a SIGKILL between storage snapshot and its removal, and between VM snapshot and commit, hunt removes exactly what we left', async () => {

@@ -1,11 +1,10 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { Catalog } from '../../src/catalog/index.ts';
-import { NbdClient } from '../../src/datamover/nbd/index.ts';
 import { QmpClient } from '../../src/hypervisor/qemu/qmp-client.ts';
 import { listQemuDisks } from '../../src/hypervisor/qemu/qemu-vm.ts';
 import { withCeph } from '../../src/lab/index.ts';
@@ -16,26 +15,11 @@ import { huntStorageSnapshots } from '../../src/processing/storage-hunter.ts';
 import { initRepository, openRepository, type Repository } from '../../src/repository/index.ts';
 import { restoreDisk } from '../../src/restore/disk-restore.ts';
 import { makeWorkspace, md5File } from '../support/workspace.ts';
+import { guestRead, guestWrite, snapshiftNodesOf } from '../support/guest-io.ts';
+import { sigkill, startPausedBackup } from '../support/paused-backup.ts';
 
 const MiB = 1024 * 1024;
 const password = 'ceph-rbd-test';
-
-async function guestWrite(daemon: StorageDaemon, offset: number, data: Buffer): Promise<void> {
-  await using nbd = await NbdClient.connect({ socketPath: daemon.nbdSocketPath, exportName: 'disk0' });
-  await nbd.write(offset, data);
-  await nbd.flush();
-}
-
-async function guestRead(daemon: StorageDaemon, offset: number, length: number): Promise<Buffer> {
-  await using nbd = await NbdClient.connect({ socketPath: daemon.nbdSocketPath, exportName: 'disk0' });
-  return nbd.read(offset, length);
-}
-
-async function snapshiftNodesOf(daemon: StorageDaemon): Promise<string[]> {
-  await using qmp = await QmpClient.connect(daemon.qmpSocketPath);
-  const nodes = await qmp.execute<Array<{ 'node-name': string }>>('query-named-block-nodes', { flat: true });
-  return nodes.map((node) => node['node-name']).filter((name) => name.startsWith('snapshift-'));
-}
 
 describe('backup from Ceph RBD snapshots, guest-less', () => {
   let workspace: Awaited<ReturnType<typeof makeWorkspace>>;
@@ -145,24 +129,18 @@ describe('backup from Ceph RBD snapshots, guest-less', () => {
     assert.deepEqual(catalog.listStorageSnapshotLedger(), []);
   });
 
-  /** Starts a backup in a child process that stops at `pauseAt`; resolves once it is there. */
-  async function pausedBackup(vmName: string, pauseAt: string): Promise<ChildProcess> {
-    const child = spawn('node', ['--import', 'tsx', 'test/support/backup-child.ts', join(workspace.dir, 'home'), join(workspace.dir, 'repo'), 'storage-snapshot', pauseAt, vmName], {
-      env: { ...process.env, SNAPSHIFT_PASSWORD: password, SNAPSHIFT_TEST_OVERLAY_FOLDER: overlayFolder },
-      stdio: ['ignore', 'pipe', 'inherit'],
+  /** A storage-snapshot backup of `vmName` in a child process, stopped at `pauseAt`. */
+  async function pausedBackup(vmName: string, pauseAt: 'vm-snapshot' | 'storage-snapshot'): Promise<ChildProcess> {
+    const child = await startPausedBackup({
+      home: join(workspace.dir, 'home'),
+      repo: join(workspace.dir, 'repo'),
+      mode: 'storage-snapshot',
+      pauseAt,
+      vmNames: [vmName],
+      env: { SNAPSHIFT_PASSWORD: password, SNAPSHIFT_TEST_OVERLAY_FOLDER: overlayFolder },
     });
     children.push(child);
-    await new Promise<void>((resolve, reject) => {
-      child.stdout!.on('data', (chunk: Buffer) => chunk.toString().includes('PAUSED') && resolve());
-      child.on('exit', (code) => reject(new Error(`backup child exited (${code}) before pausing`)));
-    });
     return child;
-  }
-
-  async function sigkill(child: ChildProcess): Promise<void> {
-    const exited = new Promise((resolve) => child.once('exit', resolve));
-    child.kill('SIGKILL');
-    await exited;
   }
 
   test('hunter: RBD snapshot and overlay left by SIGKILLed backups are removed; a user snapshot survives', async (t) => {

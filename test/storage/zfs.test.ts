@@ -1,6 +1,6 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
@@ -17,15 +17,11 @@ import { restoreDisk } from '../../src/restore/disk-restore.ts';
 import { listZfsDatasets } from '../../src/storage/zfs/zfs-command.ts';
 import { ZfsStorage } from '../../src/storage/zfs/zfs-storage.ts';
 import { makeWorkspace, md5File, md5OfImage } from '../support/workspace.ts';
+import { guestWrite } from '../support/guest-io.ts';
+import { sigkill, startPausedBackup } from '../support/paused-backup.ts';
 
 const MiB = 1024 * 1024;
 const password = 'zfs-test';
-
-async function guestWrite(daemon: StorageDaemon, offset: number, data: Buffer): Promise<void> {
-  await using nbd = await NbdClient.connect({ socketPath: daemon.nbdSocketPath, exportName: 'disk0' });
-  await nbd.write(offset, data);
-  await nbd.flush();
-}
 
 /** Every snapshot, clone or dataset of ours (`zfs list -t all`), whoever's pool it is in. */
 async function snapshiftLeftovers(): Promise<string[]> {
@@ -168,18 +164,9 @@ describe('backup from ZFS storage snapshots (zfs-fuse), guest-less', () => {
     const userSnapshot = `${dataset}@users-own`;
     await exec('zfs', ['snapshot', userSnapshot]);
 
-    const child = spawn('node', ['--import', 'tsx', 'test/support/backup-child.ts', join(workspace.dir, 'home'), join(workspace.dir, 'repo'), 'storage-snapshot', 'storage-snapshot', 'zfs-hunted'], {
-      env: { ...process.env, SNAPSHIFT_PASSWORD: password },
-      stdio: ['ignore', 'pipe', 'inherit'],
-    });
+    const child = await startPausedBackup({ home: join(workspace.dir, 'home'), repo: join(workspace.dir, 'repo'), mode: 'storage-snapshot', pauseAt: 'storage-snapshot', vmNames: ['zfs-hunted'], env: { SNAPSHIFT_PASSWORD: password } });
     children.push(child);
-    await new Promise<void>((resolve, reject) => {
-      child.stdout!.on('data', (chunk: Buffer) => chunk.toString().includes('PAUSED') && resolve());
-      child.on('exit', (code) => reject(new Error(`backup child exited (${code}) before pausing`)));
-    });
-    const exited = new Promise((resolve) => child.once('exit', resolve));
-    child.kill('SIGKILL');
-    await exited;
+    await sigkill(child);
 
     const left = await snapshiftLeftovers();
     assert.equal(left.filter((name) => name.includes('@')).length, 1, `the killed run left its snapshot: ${left.join(', ')}`);
