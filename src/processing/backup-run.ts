@@ -5,14 +5,15 @@ import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
 import type { Repository } from '../repository/index.ts';
 import { locateImage, storageSystems } from '../storage/registry.ts';
 import type { StorageSystem } from '../storage/storage-system.ts';
-import { backupVmRegular, type BackupTaskResult, type TaskProgress } from './regular-mode.ts';
+import { backupVmRegular, type BackupTaskResult } from './regular-mode.ts';
 import { huntOverlaysOnHosts, huntVmSnapshots, type HuntAction } from './snapshot-hunter.ts';
 import { huntStorageSnapshots, type StorageHuntAction } from './storage-hunter.ts';
-import { backupGroupFromStorageSnapshots, StorageUnsupported, type StorageGroupInput } from './storage-snapshot-mode.ts';
+import { backupGroupFromStorageSnapshots, StorageUnsupported } from './storage-snapshot-mode.ts';
+import type { TaskTuning } from './task-options.ts';
 
 export type ProcessingMode = 'regular' | 'storage-snapshot';
 
-export interface BackupRunInput {
+export interface BackupRunInput extends TaskTuning {
   hosts: readonly HostRecord[];
   mode: ProcessingMode;
   repository: Repository;
@@ -21,13 +22,6 @@ export interface BackupRunInput {
   failoverToRegular?: boolean;
   vmsPerStorageSnapshot?: number;
   systems?: readonly StorageSystem[];
-  onProgress?: (progress: TaskProgress) => void;
-  signal?: AbortSignal;
-  readAhead?: number;
-  maxReadBytesPerSecond?: number;
-  /** Where VM snapshot overlays of non-file disks (RBD) go; created if missing. */
-  overlayFolder?: string;
-  hooks?: StorageGroupInput['hooks'];
   /** Tasks (a VM in regular mode, a group in storage-snapshot mode) that run at once; default 1. */
   parallel?: number;
   /** Session id to use (a job runner makes one first); default a new one. */

@@ -9,6 +9,7 @@ import type { Repository, RestorePointSummary } from '../repository/index.ts';
 import { huntVmSnapshots, type HuntAction } from './snapshot-hunter.ts';
 import { summarizeTask, type TaskStats } from './task-stats.ts';
 import { copyVmDisks, socketSafe } from './vm-copy.ts';
+import type { TaskTuning } from './task-options.ts';
 
 export interface TaskProgress {
   vmName: string;
@@ -17,19 +18,13 @@ export interface TaskProgress {
   totalBytes: number;
 }
 
-export interface BackupTaskInput {
+export interface BackupTaskInput extends TaskTuning {
   host: HostRecord;
   repository: Repository;
   catalog: Catalog;
   /** Sockets and other per-run files go here. */
   runDir: string;
   sessionId?: string;
-  onProgress?: (progress: TaskProgress) => void;
-  signal?: AbortSignal;
-  readAhead?: number;
-  maxReadBytesPerSecond?: number;
-  /** Where VM snapshot overlays of non-file disks (RBD) go; file disks get theirs beside the image. */
-  overlayFolder?: string;
   /** Why a storage-snapshot task runs in regular mode instead; recorded with the restore point. */
   failoverReason?: string;
   /** The run already hunted leftovers before its first task. */

@@ -12,8 +12,9 @@ import type { StorageSnapshot, StorageSystem, Volume } from '../storage/storage-
 import type { BackupTaskResult, TaskProgress } from './regular-mode.ts';
 import { summarizeTask } from './task-stats.ts';
 import { copyVmDisks, socketSafe } from './vm-copy.ts';
+import type { TaskTuning } from './task-options.ts';
 
-export interface StorageGroupInput {
+export interface StorageGroupInput extends TaskTuning {
   hosts: readonly HostRecord[];
   repository: Repository;
   catalog: Catalog;
@@ -22,12 +23,6 @@ export interface StorageGroupInput {
   /** Continue in regular mode when the storage snapshot cannot be taken (default on). */
   failoverToRegular: boolean;
   systems?: readonly StorageSystem[];
-  onProgress?: (progress: TaskProgress) => void;
-  signal?: AbortSignal;
-  readAhead?: number;
-  maxReadBytesPerSecond?: number;
-  /** Where VM snapshot overlays of non-file disks (RBD) go; file disks get theirs beside the image. */
-  overlayFolder?: string;
   /** Test hooks at the two moments a crash matters most. */
   hooks?: { afterStorageSnapshot?: () => Promise<void> | void; afterVmSnapshots?: () => Promise<void> | void };
 }
