@@ -9,6 +9,7 @@ APT_PACKAGES=(
   btrfs-progs xfsprogs              # the lab's datastores
   busybox-static cpio               # the tiny guest's initramfs
   libnbd-bin                        # nbdinfo / nbdcopy: references our NBD client is compared with
+  qemu-guest-agent                  # a real guest agent for the quiesce tests (run on the host, freeze blocked)
   restic                            # the repository benchmark's yardstick
   zfs-fuse                          # the lab's ZFS datastore (zfs-fuse: no kernel module needed)
   ceph-mon ceph-osd ceph-mgr ceph-common  # single-node Ceph for the RBD storage provider and its lab

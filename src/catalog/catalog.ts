@@ -10,6 +10,8 @@ export interface HostRecord {
   qmpSocketPath: string;
   /** An NBD server the host already runs (qemu-storage-daemon started with --nbd-server); else we start one. */
   nbdSocketPath: string | null;
+  /** The host side of the VM's guest agent channel, for quiescing; null when the VM has none. */
+  qgaSocketPath?: string | null;
   createdAt: string;
 }
 
@@ -90,10 +92,10 @@ export class Catalog implements Disposable {
     const createdAt = new Date().toISOString();
     this.#db
       .prepare(
-        `INSERT INTO hosts (name, kind, qmp_socket, nbd_socket, created_at) VALUES (?, ?, ?, ?, ?)
-         ON CONFLICT(name) DO UPDATE SET kind = excluded.kind, qmp_socket = excluded.qmp_socket, nbd_socket = excluded.nbd_socket`,
+        `INSERT INTO hosts (name, kind, qmp_socket, nbd_socket, qga_socket, created_at) VALUES (?, ?, ?, ?, ?, ?)
+         ON CONFLICT(name) DO UPDATE SET kind = excluded.kind, qmp_socket = excluded.qmp_socket, nbd_socket = excluded.nbd_socket, qga_socket = excluded.qga_socket`,
       )
-      .run(host.name, host.kind, host.qmpSocketPath, host.nbdSocketPath, createdAt);
+      .run(host.name, host.kind, host.qmpSocketPath, host.nbdSocketPath, host.qgaSocketPath ?? null, createdAt);
     return this.getHost(host.name)!;
   }
 
@@ -218,6 +220,7 @@ interface HostRow {
   kind: 'qemu';
   qmp_socket: string;
   nbd_socket: string | null;
+  qga_socket: string | null;
   created_at: string;
 }
 interface RestorePointRow {
@@ -240,5 +243,5 @@ interface LedgerRow {
 }
 
 function hostFromRow(row: HostRow): HostRecord {
-  return { name: row.name, kind: row.kind, qmpSocketPath: row.qmp_socket, nbdSocketPath: row.nbd_socket, createdAt: row.created_at };
+  return { name: row.name, kind: row.kind, qmpSocketPath: row.qmp_socket, nbdSocketPath: row.nbd_socket, qgaSocketPath: row.qga_socket, createdAt: row.created_at };
 }

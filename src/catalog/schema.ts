@@ -63,6 +63,7 @@ const migrations: string[] = [
      stats TEXT,
      PRIMARY KEY (session_id, vm_name)
    );`,
+  `ALTER TABLE hosts ADD COLUMN qga_socket TEXT;`,
 ];
 
 export function migrate(db: Database.Database): void {

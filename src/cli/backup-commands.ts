@@ -23,6 +23,7 @@ export function registerBackupCommands(program: Command): void {
       .option('--no-failover-to-regular', 'in storage-snapshot mode, fail instead of falling back to regular mode')
       .option('--vms-per-storage-snapshot <n>', 'at most this many VMs share one storage snapshot', '10')
       .option('--max-read-rate <MBps>', 'cap the read rate (MB/s), e.g. to spare a busy production link')
+      .option('--quiesce', 'freeze guest file systems through the guest agent during the VM snapshot (host add --qga)')
       .option('--overlay-folder <dir>', 'local folder for the VM snapshot overlays of disks that are not files (RBD); default <home>/overlays')
       .option('--json', 'print the result as JSON')
       .option('--quiet', 'no progress bar'),
@@ -34,7 +35,7 @@ export function registerBackupCommands(program: Command): void {
     .action(
       async (
         vmNames: string[],
-        options: RepositoryCliOptions & { mode: string; failoverToRegular: boolean; vmsPerStorageSnapshot: string; maxReadRate?: string; overlayFolder?: string; json?: boolean; quiet?: boolean },
+        options: RepositoryCliOptions & { mode: string; quiesce?: boolean; failoverToRegular: boolean; vmsPerStorageSnapshot: string; maxReadRate?: string; overlayFolder?: string; json?: boolean; quiet?: boolean },
         command: Command,
       ) => {
         if (options.mode !== 'regular' && options.mode !== 'storage-snapshot') throw new SnapshiftError('USAGE', `unknown mode "${options.mode}": use storage-snapshot or regular`);
@@ -57,6 +58,7 @@ export function registerBackupCommands(program: Command): void {
             catalog,
             runDir: join(homeOf(command), 'run'),
             failoverToRegular: options.failoverToRegular,
+            quiesce: options.quiesce,
             vmsPerStorageSnapshot,
             maxReadBytesPerSecond: maxReadRate === undefined ? undefined : maxReadRate * 1e6,
             overlayFolder: resolve(options.overlayFolder ?? join(homeOf(command), 'overlays')),
@@ -211,6 +213,7 @@ export function formatSummary(stats: TaskStats): string {
     ...(stats.storageSnapshotLifetimeMs !== null ? [['storage-snapshot lifetime', formatDuration(stats.storageSnapshotLifetimeMs)] as [string, string]] : []),
     ['busy', `source ${stats.busyPercent.source}%, proxy ${stats.busyPercent.proxy}%, target ${stats.busyPercent.target}%`],
     ['bottleneck', stats.bottleneck],
+    ...(stats.quiesce ? [['quiesce', stats.quiesce] as [string, string]] : []),
   ]);
 }
 

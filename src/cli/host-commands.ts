@@ -17,11 +17,17 @@ export function registerHostCommands(program: Command): void {
     .requiredOption('--qmp <path>', 'QMP unix socket of the QEMU process')
     .requiredOption('--name <name>', 'VM name used by backup and restore')
     .option('--nbd-socket <path>', 'NBD server socket the process already runs (qemu-storage-daemon --nbd-server)')
+    .option('--qga <path>', "host side of the VM's guest agent channel (for --quiesce)")
     .option('--json', 'print the result as JSON')
     .addHelpText('after', '\nExample:\n  snapshift host add qemu --qmp /run/vm1/qmp.sock --name vm1')
-    .action(async (kind: string, options: { qmp: string; name: string; nbdSocket?: string; json?: boolean }, command: Command) => {
+    .action(async (kind: string, options: { qmp: string; name: string; nbdSocket?: string; qga?: string; json?: boolean }, command: Command) => {
       if (kind !== 'qemu') throw new SnapshiftError('USAGE', `unknown host kind "${kind}": only "qemu" is supported`);
-      const address = { name: options.name, qmpSocketPath: resolve(options.qmp), nbdSocketPath: options.nbdSocket ? resolve(options.nbdSocket) : null };
+      const address = {
+        name: options.name,
+        qmpSocketPath: resolve(options.qmp),
+        nbdSocketPath: options.nbdSocket ? resolve(options.nbdSocket) : null,
+        qgaSocketPath: options.qga ? resolve(options.qga) : null,
+      };
       await using qemu = await QemuHost.connect(address);
       const disks = await qemu.listDisks();
       using catalog = openCatalog(command);

@@ -63,6 +63,7 @@ export async function runJob(job: JobDefinition, context: JobRunContext): Promis
         failoverToRegular: job.failoverToRegular,
         vmsPerStorageSnapshot: job.vmsPerStorageSnapshot,
         parallel: job.parallel,
+        quiesce: job.quiesce,
         sessionId,
         signal: context.signal,
         onProgress: context.onProgress,

@@ -9,6 +9,7 @@ import type { Repository, RestorePointSummary } from '../repository/index.ts';
 import { huntVmSnapshots, type HuntAction } from './snapshot-hunter.ts';
 import { summarizeTask, type TaskStats } from './task-stats.ts';
 import { copyVmDisks, socketSafe } from './vm-copy.ts';
+import { planQuiesce } from './quiesce.ts';
 import type { TaskTuning } from './task-options.ts';
 
 export interface TaskProgress {
@@ -72,6 +73,7 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
   const report = (phase: TaskProgress['phase'], processedBytes: number) =>
     input.onProgress?.({ vmName: hostRecord.name, phase, processedBytes, totalBytes });
 
+  await using quiescePlan = await planQuiesce(hostRecord, input.quiesce ?? false);
   const writer = await repository.startBackup({ vmName: hostRecord.name });
   let committed = false;
   try {
@@ -81,6 +83,7 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
     {
       await using vmSnapshot = await host.snapshot(disks, {
         tag,
+        quiesce: quiescePlan.quiesce,
         overlayFolder: input.overlayFolder,
         ledger: {
           recordIntent: (overlays) =>
@@ -108,7 +111,7 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
     }
     report('finalize', totalBytes);
     await writer.drain();
-    const stats = summarizeTask({ mode: 'regular', durationMs: performance.now() - started, copies, writer: writer.stats, workerCount: repository.workerCount, vmSnapshot: vmSnapshotStats });
+    const stats = summarizeTask({ mode: 'regular', durationMs: performance.now() - started, copies, writer: writer.stats, workerCount: repository.workerCount, vmSnapshot: vmSnapshotStats, quiesceNote: quiescePlan.note });
     const restorePoint = await writer.commit({
       mode: 'regular',
       sessionId,

@@ -12,6 +12,7 @@ import type { StorageSnapshot, StorageSystem, Volume } from '../storage/storage-
 import type { BackupTaskResult, TaskProgress } from './regular-mode.ts';
 import { summarizeTask } from './task-stats.ts';
 import { copyVmDisks, socketSafe } from './vm-copy.ts';
+import { planQuiesce, type QuiescePlan } from './quiesce.ts';
 import type { TaskTuning } from './task-options.ts';
 
 export interface StorageGroupInput extends TaskTuning {
@@ -40,6 +41,7 @@ interface GroupMember {
   disks: VmDisk[];
   located: LocatedImage[];
   writer: BackupWriter;
+  quiescePlan: QuiescePlan;
   vmSnapshot?: VmSnapshot;
   vmSnapshotStats?: VmSnapshotStats;
   error?: Error;
@@ -74,7 +76,8 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
       cleanup.defer(`abort unfinished restore point of ${record.name}`, async () => {
         if (!outcomes.some((outcome) => outcome.vmName === record.name && outcome.result)) await writer.abort();
       });
-      members.push({ record, host, disks, located, writer });
+      const quiescePlan = cleanup.use(`guest agent of ${record.name}`, await planQuiesce(record, input.quiesce ?? false));
+      members.push({ record, host, disks, located, writer, quiescePlan });
     } catch (error) {
       outcomes.push({ vmName: record.name, error: error as Error });
     }
@@ -86,6 +89,7 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
     try {
       member.vmSnapshot = await member.host.snapshot(member.disks, {
         tag,
+        quiesce: member.quiescePlan.quiesce,
         overlayFolder: input.overlayFolder,
         ledger: {
           recordIntent: (overlays) =>
@@ -204,6 +208,7 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
         workerCount: input.repository.workerCount,
         vmSnapshot: member.vmSnapshotStats!,
         storageSnapshotLifetimeMs,
+        quiesceNote: member.quiescePlan.note,
       });
       const restorePoint = await member.writer.commit({
         mode,

@@ -11,6 +11,8 @@ export interface TaskTuning {
   maxReadBytesPerSecond?: number;
   /** Where VM snapshot overlays of non-file disks (RBD) go; file disks get theirs beside the image. */
   overlayFolder?: string;
+  /** Freeze guest file systems through the guest agent during the VM snapshot, where there is one. */
+  quiesce?: boolean;
   /** Called at the moments a crash matters most (tests use them to write, measure or kill). */
   hooks?: { afterVmSnapshots?: () => Promise<void> | void; afterStorageSnapshot?: () => Promise<void> | void };
 }

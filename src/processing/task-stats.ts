@@ -17,6 +17,8 @@ export interface TaskStats {
   deltaBytesAtCommit: number;
   commitMs: number;
   storageSnapshotLifetimeMs: number | null;
+  /** Whether the guest was quiesced, and if not why (null: not asked for). */
+  quiesce: string | null;
   busyPercent: Record<Stage, number>;
   bottleneck: Stage;
   disks: Array<{ name: string; sizeBytes: number; readBytes: number; zeroBytes: number; durationMs: number }>;
@@ -32,6 +34,7 @@ export function summarizeTask(input: {
   workerCount?: number;
   vmSnapshot: { lifetimeMs: number; deltaBytesAtCommit: number; commitMs: number };
   storageSnapshotLifetimeMs?: number;
+  quiesceNote?: string | null;
 }): TaskStats {
   const processedBytes = sum(input.copies.map((copy) => copy.stats.sizeBytes));
   const readBytes = sum(input.copies.map((copy) => copy.stats.bytesRead));
@@ -57,6 +60,7 @@ export function summarizeTask(input: {
     deltaBytesAtCommit: input.vmSnapshot.deltaBytesAtCommit,
     commitMs: input.vmSnapshot.commitMs,
     storageSnapshotLifetimeMs: input.storageSnapshotLifetimeMs ?? null,
+    quiesce: input.quiesceNote ?? null,
     busyPercent,
     bottleneck,
     disks: input.copies.map((copy) => ({
