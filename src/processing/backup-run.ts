@@ -26,6 +26,8 @@ export interface BackupRunInput {
   readAhead?: number;
   maxReadBytesPerSecond?: number;
   hooks?: StorageGroupInput['hooks'];
+  /** Read every disk in full, even where changed-block tracking could limit the read (`backup --full`). */
+  full?: boolean;
 }
 
 export interface VmOutcome {

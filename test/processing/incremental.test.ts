@@ -1,0 +1,184 @@
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { Catalog } from '../../src/catalog/index.ts';
+import { exec } from '../../src/core/exec.ts';
+import { NbdClient } from '../../src/datamover/nbd/index.ts';
+import { alignRegions, regionBytes, type Region } from '../../src/datamover/extent-map.ts';
+import { listDirtyBitmaps } from '../../src/hypervisor/qemu/dirty-bitmaps.ts';
+import { QmpClient } from '../../src/hypervisor/qemu/qmp-client.ts';
+import { withLab } from '../../src/lab/index.ts';
+import { randomBytes } from '../../src/lab/nbd-writer.ts';
+import { StorageDaemon } from '../../src/lab/storage-daemon.ts';
+import { runBackup, type BackupRunInput, type VmOutcome } from '../../src/processing/backup-run.ts';
+import { initRepository, openRepository, type Repository } from '../../src/repository/index.ts';
+import { restoreDisk } from '../../src/restore/disk-restore.ts';
+import { makeWorkspace, md5File, md5OfImage } from '../support/workspace.ts';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const password = 'incremental-test';
+
+/** One VM stand-in (qemu-storage-daemon) with a qcow2 and a raw disk, and what the test wrote to it. */
+interface TestVm {
+  name: string;
+  daemon: StorageDaemon;
+  dir: string;
+  images: Array<{ disk: string; path: string; format: 'qcow2' | 'raw' }>;
+  /** Writes since the last backup's VM snapshot, per disk: what the next incremental must read. */
+  written: Map<string, Region[]>;
+}
+
+describe('incremental backups from QEMU dirty bitmaps, guest-less', () => {
+  let workspace: Awaited<ReturnType<typeof makeWorkspace>>;
+  let catalog: Catalog;
+  let repository: Repository;
+  const vms: TestVm[] = [];
+  let seed = 1;
+
+  before(async () => {
+    workspace = await makeWorkspace('incr');
+    mkdirSync(join(workspace.dir, 'home'));
+    catalog = Catalog.open(join(workspace.dir, 'home'));
+    await initRepository(join(workspace.dir, 'repo'), { password, encryption: true });
+    repository = await openRepository(join(workspace.dir, 'repo'), { password });
+  });
+
+  after(async () => {
+    for (const vm of vms) await vm.daemon.stop();
+    await repository?.close();
+    catalog?.close();
+    await workspace?.cleanup();
+  });
+
+  async function startDaemon(vm: Pick<TestVm, 'dir' | 'images'>): Promise<StorageDaemon> {
+    return StorageDaemon.start({ dir: vm.dir, images: vm.images.map((image) => ({ path: image.path, format: image.format, nodeName: image.disk })) });
+  }
+
+  async function makeVm(name: string, folder = join(workspace.dir, 'disks')): Promise<TestVm> {
+    mkdirSync(folder, { recursive: true });
+    const dir = join(workspace.dir, 'vms', name);
+    mkdirSync(dir, { recursive: true });
+    const images: TestVm['images'] = [
+      { disk: 'disk0', path: join(folder, `${name}.qcow2`), format: 'qcow2' },
+      { disk: 'disk1', path: join(folder, `${name}-data.raw`), format: 'raw' },
+    ];
+    // Not a multiple of the 1 MiB chunk: the last chunk is short.
+    await exec('qemu-img', ['create', '-q', '-f', 'qcow2', images[0]!.path, String(40 * MiB + 256 * KiB)]);
+    await exec('qemu-img', ['create', '-q', '-f', 'raw', images[1]!.path, String(16 * MiB)]);
+    const vm: TestVm = { name, dir, images, daemon: await startDaemon({ dir, images }), written: new Map() };
+    vms.push(vm);
+    catalog.addHost({ name, kind: 'qemu', qmpSocketPath: vm.daemon.qmpSocketPath, nbdSocketPath: vm.daemon.nbdSocketPath });
+    await write(vm, 'disk0', 0, 6 * MiB);
+    await write(vm, 'disk0', 40 * MiB, 256 * KiB);
+    await write(vm, 'disk1', 2 * MiB, 3 * MiB);
+    return vm;
+  }
+
+  /** The guest writes pseudo-random bytes; the range is remembered for the next incremental's bound. */
+  async function write(vm: TestVm, disk: string, offset: number, length: number, data?: Buffer): Promise<void> {
+    await using nbd = await NbdClient.connect({ socketPath: vm.daemon.nbdSocketPath, exportName: disk });
+    await nbd.write(offset, data ?? randomBytes(seed++, offset, length));
+    await nbd.flush();
+    const regions = vm.written.get(disk) ?? [];
+    regions.push({ offset, length: data?.length ?? length });
+    vm.written.set(disk, regions);
+  }
+
+  async function read(vm: TestVm, disk: string, offset: number, length: number): Promise<Buffer> {
+    await using nbd = await NbdClient.connect({ socketPath: vm.daemon.nbdSocketPath, exportName: disk });
+    return nbd.read(offset, length);
+  }
+
+  /**
+   * Backs the VM up and returns the outcome with the md5 of each disk at the VM snapshot's instant (the
+   * frozen base), and the chunk-rounded bytes the test wrote since the previous snapshot (per disk).
+   */
+  async function backup(vm: TestVm, extra: Partial<BackupRunInput> = {}, duringBackup?: () => Promise<void>) {
+    const reference = new Map<string, string>();
+    let expectedChanged = new Map<string, number>();
+    const run = await runBackup({
+      hosts: [catalog.getHost(vm.name)!],
+      mode: 'regular',
+      repository,
+      catalog,
+      runDir: join(workspace.dir, 'run'),
+      ...extra,
+      hooks: {
+        afterVmSnapshots: async () => {
+          for (const image of vm.images) reference.set(image.disk, await md5OfImage(image.path, image.format, workspace.dir));
+          expectedChanged = new Map(
+            [...vm.written].map(([disk, regions]) => {
+              const sorted = [...regions].sort((a, b) => a.offset - b.offset);
+              return [disk, regionBytes(alignRegions(sorted, repository.chunkSizeBytes, Infinity))];
+            }),
+          );
+          vm.written.clear();
+          await duringBackup?.();
+          await extra.hooks?.afterVmSnapshots?.();
+        },
+        afterStorageSnapshot: extra.hooks?.afterStorageSnapshot,
+      },
+    });
+    const outcome = run.outcomes[0]!;
+    assert.equal(outcome.error, undefined, outcome.error?.message);
+    return { outcome, reference, expectedChanged };
+  }
+
+  async function assertRestoresTo(outcome: VmOutcome, reference: Map<string, string>): Promise<void> {
+    const restorePoint = outcome.result!.restorePoint;
+    for (const [disk, expected] of reference) {
+      const target = join(workspace.dir, `restore-${restorePoint.id}-${disk}.raw`);
+      await restoreDisk(await repository.openRestorePoint(restorePoint.id), disk, target, { format: 'raw', force: true, chunkSizeBytes: repository.chunkSizeBytes });
+      assert.equal(await md5File(target), expected, `${disk} of restore point ${restorePoint.id.slice(0, 8)} equals its point in time`);
+      await exec('rm', ['-f', target]);
+    }
+  }
+
+  function diskStats(outcome: VmOutcome, disk: string) {
+    return outcome.result!.stats.disks.find((entry) => entry.name === disk)!;
+  }
+
+  async function bitmapsOf(vm: TestVm, disk: string) {
+    await using qmp = await QmpClient.connect(vm.daemon.qmpSocketPath);
+    return listDirtyBitmaps(qmp, disk);
+  }
+
+  test('full, then 3 incrementals with writes between and during backups: each restores to its point in time, reading only what changed', async () => {
+    const vm = await makeVm('chain');
+    const full = await backup(vm);
+    await assertRestoresTo(full.outcome, full.reference);
+    for (const disk of ['disk0', 'disk1']) {
+      assert.equal(diskStats(full.outcome, disk).cbtSource, 'none');
+      assert.equal(diskStats(full.outcome, disk).fallbackReason, null, 'the first backup is full without a reason');
+    }
+    assert.deepEqual((await bitmapsOf(vm, 'disk0')).map((bitmap) => [bitmap.name.startsWith('snapshift-'), bitmap.recording, bitmap.persistent]), [[true, true, true]]);
+    assert.deepEqual((await bitmapsOf(vm, 'disk1')).map((bitmap) => [bitmap.recording, bitmap.persistent]), [[true, false]], 'a raw disk gets an in-memory bitmap');
+
+    for (let round = 1; round <= 3; round++) {
+      // Between backups: a few scattered writes, one straddling a chunk boundary.
+      await write(vm, 'disk0', round * 3 * MiB + 512 * KiB, MiB);
+      await write(vm, 'disk0', (10 + round * 4) * MiB, 64 * KiB);
+      await write(vm, 'disk1', round * MiB, 128 * KiB);
+      const incremental = await backup(vm, {}, async () => {
+        // While the VM snapshot lives (overlay active): these land in the next restore point, not this one.
+        await write(vm, 'disk0', 30 * MiB + round * 64 * KiB, 64 * KiB);
+        await write(vm, 'disk1', 15 * MiB, 64 * KiB);
+      });
+      await assertRestoresTo(incremental.outcome, incremental.reference);
+      for (const disk of ['disk0', 'disk1']) {
+        const stats = diskStats(incremental.outcome, disk);
+        const changed = incremental.expectedChanged.get(disk)!;
+        assert.equal(stats.cbtSource, 'bitmap', `${disk} round ${round}: ${stats.fallbackReason}`);
+        assert.equal(stats.fallbackReason, null);
+        assert.ok(stats.dirtyBytes !== null && stats.dirtyBytes > 0);
+        assert.ok(stats.readBytes >= changed, `${disk} round ${round}: read ${stats.readBytes} ≥ changed ${changed}`);
+        assert.ok(stats.readBytes <= 1.1 * changed, `${disk} round ${round}: read ${stats.readBytes} ≤ 1.1 × changed ${changed}`);
+      }
+      const names = (await bitmapsOf(vm, 'disk0')).map((bitmap) => bitmap.name);
+      assert.equal(names.length, 1, `only the newest bitmap is left: ${names.join(', ')}`);
+    }
+    assert.equal(catalog.listRestorePoints('chain').length, 4);
+  });
+});
