@@ -181,4 +181,95 @@ describe('incremental backups from QEMU dirty bitmaps, guest-less', () => {
     }
     assert.equal(catalog.listRestorePoints('chain').length, 4);
   });
+
+  test('a failed backup folds its bitmap back: the next one is still incremental and misses nothing', async () => {
+    const vm = await makeVm('failing');
+    await backup(vm);
+    await write(vm, 'disk0', 5 * MiB, 128 * KiB);
+    const controller = new AbortController();
+    const run = await runBackup({
+      hosts: [catalog.getHost(vm.name)!],
+      mode: 'regular',
+      repository,
+      catalog,
+      runDir: join(workspace.dir, 'run'),
+      signal: controller.signal,
+      hooks: {
+        afterVmSnapshots: async () => {
+          await write(vm, 'disk0', 20 * MiB, 64 * KiB);
+          controller.abort(new Error('stopped by the test'));
+        },
+      },
+    });
+    assert.match(run.outcomes[0]!.error?.message ?? '', /stopped by the test/);
+    const bitmaps = await bitmapsOf(vm, 'disk0');
+    assert.equal(bitmaps.length, 1, 'the failed session\'s bitmap is gone');
+    assert.ok(bitmaps[0]!.recording, 'the previous bitmap records again');
+    await write(vm, 'disk1', 9 * MiB, 64 * KiB);
+    const next = await backup(vm);
+    assert.equal(diskStats(next.outcome, 'disk0').cbtSource, 'bitmap');
+    assert.ok(diskStats(next.outcome, 'disk0').readBytes >= 2 * MiB, 'both writes (before and during the failed backup) are read');
+    await assertRestoresTo(next.outcome, next.reference);
+  });
+
+  test('fallbacks: QEMU killed (inconsistent bitmap), bitmap removed by hand, disk grown, --full: full read with the reason, correct restore points', async () => {
+    const vm = await makeVm('faults');
+    await backup(vm);
+
+    // 1. QEMU SIGKILLed and restarted: the qcow2's bitmap is inconsistent, the raw disk's is gone.
+    await write(vm, 'disk0', 7 * MiB, 64 * KiB);
+    await vm.daemon.kill();
+    vm.daemon = await startDaemon(vm);
+    assert.ok((await bitmapsOf(vm, 'disk0')).every((bitmap) => bitmap.inconsistent));
+    const afterKill = await backup(vm);
+    assert.match(diskStats(afterKill.outcome, 'disk0').fallbackReason ?? '', /inconsistent/);
+    assert.match(diskStats(afterKill.outcome, 'disk1').fallbackReason ?? '', /is gone/);
+    assert.equal(diskStats(afterKill.outcome, 'disk0').cbtSource, 'none');
+    await assertRestoresTo(afterKill.outcome, afterKill.reference);
+    assert.equal((await bitmapsOf(vm, 'disk0')).filter((bitmap) => bitmap.inconsistent).length, 0, 'the inconsistent bitmap was removed');
+
+    // The chain goes on incrementally from there.
+    await write(vm, 'disk0', 8 * MiB, 64 * KiB);
+    const resumed = await backup(vm);
+    assert.equal(diskStats(resumed.outcome, 'disk0').cbtSource, 'bitmap');
+    await assertRestoresTo(resumed.outcome, resumed.reference);
+
+    // 2. Bitmap removed by hand.
+    await write(vm, 'disk0', 9 * MiB, 64 * KiB);
+    {
+      await using qmp = await QmpClient.connect(vm.daemon.qmpSocketPath);
+      for (const bitmap of await listDirtyBitmaps(qmp, 'disk0')) await qmp.execute('block-dirty-bitmap-remove', { node: 'disk0', name: bitmap.name });
+    }
+    const removed = await backup(vm);
+    assert.match(diskStats(removed.outcome, 'disk0').fallbackReason ?? '', /is gone/);
+    assert.equal(diskStats(removed.outcome, 'disk1').cbtSource, 'bitmap', 'the other disk stays incremental');
+    await assertRestoresTo(removed.outcome, removed.reference);
+
+    // 3. Disk grown, live (as block_resize on a VM). The daemon's writable export forbids a resize under it:
+    // take it away for the moment, as a guest device would be detached.
+    {
+      await using qmp = await QmpClient.connect(vm.daemon.qmpSocketPath);
+      const deleted = qmp.waitForEvent('BLOCK_EXPORT_DELETED', (event) => event.data?.id === 'disk0-export', { timeoutMs: 10_000 });
+      await qmp.execute('block-export-del', { id: 'disk0-export' });
+      await deleted;
+      await qmp.execute('block_resize', { 'node-name': 'disk0', size: 48 * MiB });
+      await qmp.execute('block-export-add', { type: 'nbd', id: 'disk0-export', 'node-name': 'disk0', name: 'disk0', writable: true });
+      assert.equal((await listDirtyBitmaps(qmp, 'disk0')).length, 1, 'the bitmap survived the resize');
+    }
+    await write(vm, 'disk0', 46 * MiB, MiB);
+    const grown = await backup(vm);
+    assert.match(diskStats(grown.outcome, 'disk0').fallbackReason ?? '', /resized from 42205184 to 50331648 bytes/);
+    assert.equal(diskStats(grown.outcome, 'disk0').sizeBytes, 48 * MiB);
+    await assertRestoresTo(grown.outcome, grown.reference);
+
+    // 4. --full.
+    const forced = await backup(vm, { full: true });
+    assert.match(diskStats(forced.outcome, 'disk0').fallbackReason ?? '', /--full/);
+    assert.ok(diskStats(forced.outcome, 'disk0').readBytes > 8 * MiB);
+    await assertRestoresTo(forced.outcome, forced.reference);
+    const after = await backup(vm);
+    assert.equal(diskStats(after.outcome, 'disk0').cbtSource, 'bitmap', 'after --full, the new bitmap carries on');
+    assert.equal(diskStats(after.outcome, 'disk0').readBytes, 0);
+    await assertRestoresTo(after.outcome, after.reference);
+  });
 });
