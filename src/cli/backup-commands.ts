@@ -22,6 +22,7 @@ export function registerBackupCommands(program: Command): void {
       .option('--mode <mode>', 'processing mode: storage-snapshot or regular', 'regular')
       .option('--no-failover-to-regular', 'in storage-snapshot mode, fail instead of falling back to regular mode')
       .option('--vms-per-storage-snapshot <n>', 'at most this many VMs share one storage snapshot', '10')
+      .option('--full', 'read every disk in full, even where changed-block tracking could limit the read')
       .option('--max-read-rate <MBps>', 'cap the read rate (MB/s), e.g. to spare a busy production link')
       .option('--json', 'print the result as JSON')
       .option('--quiet', 'no progress bar'),
@@ -33,7 +34,7 @@ export function registerBackupCommands(program: Command): void {
     .action(
       async (
         vmNames: string[],
-        options: RepositoryCliOptions & { mode: string; failoverToRegular: boolean; vmsPerStorageSnapshot: string; maxReadRate?: string; json?: boolean; quiet?: boolean },
+        options: RepositoryCliOptions & { mode: string; full?: boolean; failoverToRegular: boolean; vmsPerStorageSnapshot: string; maxReadRate?: string; json?: boolean; quiet?: boolean },
         command: Command,
       ) => {
         if (options.mode !== 'regular' && options.mode !== 'storage-snapshot') throw new SnapshiftError('USAGE', `unknown mode "${options.mode}": use storage-snapshot or regular`);
@@ -57,6 +58,7 @@ export function registerBackupCommands(program: Command): void {
             runDir: join(homeOf(command), 'run'),
             failoverToRegular: options.failoverToRegular,
             vmsPerStorageSnapshot,
+            full: options.full ?? false,
             maxReadBytesPerSecond: maxReadRate === undefined ? undefined : maxReadRate * 1e6,
             onProgress: (progress) => bars.get(progress.vmName)?.update(progress.processedBytes, progress.totalBytes, progress.phase),
           });
@@ -209,7 +211,14 @@ export function formatSummary(stats: TaskStats): string {
     ...(stats.storageSnapshotLifetimeMs !== null ? [['storage-snapshot lifetime', formatDuration(stats.storageSnapshotLifetimeMs)] as [string, string]] : []),
     ['busy', `source ${stats.busyPercent.source}%, proxy ${stats.busyPercent.proxy}%, target ${stats.busyPercent.target}%`],
     ['bottleneck', stats.bottleneck],
+    ...stats.disks.map((disk) => [`disk ${disk.name}`, formatDiskCbt(disk)] as [string, string]),
   ]);
+}
+
+/** One line per disk: incremental (CBT source, dirty vs read) or full, and why full when it could have been not. */
+function formatDiskCbt(disk: TaskStats['disks'][number]): string {
+  if (disk.cbtSource !== 'none') return `incremental (${disk.cbtSource}): ${formatBytes(disk.dirtyBytes ?? 0)} changed, ${formatBytes(disk.readBytes)} read`;
+  return `full read, ${formatBytes(disk.readBytes)} read${disk.fallbackReason ? ` (${disk.fallbackReason})` : ''}`;
 }
 
 function positiveInteger(value: string, option: string): number {

@@ -1,6 +1,6 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, openSync, readSync, closeSync } from 'node:fs';
 import { join } from 'node:path';
 import { Catalog } from '../../src/catalog/index.ts';
 import { exec } from '../../src/core/exec.ts';
@@ -51,6 +51,8 @@ describe('incremental backups from QEMU dirty bitmaps, guest-less', () => {
     catalog?.close();
     await workspace?.cleanup();
   });
+  // Registered after our own `after`, so the daemons holding files on the datastores are gone before it runs.
+  const lab = withLab();
 
   async function startDaemon(vm: Pick<TestVm, 'dir' | 'images'>): Promise<StorageDaemon> {
     return StorageDaemon.start({ dir: vm.dir, images: vm.images.map((image) => ({ path: image.path, format: image.format, nodeName: image.disk })) });
@@ -272,4 +274,62 @@ describe('incremental backups from QEMU dirty bitmaps, guest-less', () => {
     assert.equal(diskStats(after.outcome, 'disk0').readBytes, 0);
     await assertRestoresTo(after.outcome, after.reference);
   });
+
+  /** Reads `length` bytes at `offset` of a restored raw file. */
+  function bytesAt(path: string, offset: number, length: number): Buffer {
+    const fd = openSync(path, 'r');
+    try {
+      const buffer = Buffer.alloc(length);
+      readSync(fd, buffer, 0, length, offset);
+      return buffer;
+    } finally {
+      closeSync(fd);
+    }
+  }
+
+  for (const mode of ['regular', 'storage-snapshot'] as const) {
+    test(`${mode}: writes just before the VM snapshot are in this restore point; writes while the overlay lives, right after the commit and during the read are in the next`, async () => {
+      const vm = await makeVm(`moments-${mode}`, mode === 'regular' ? undefined : lab().datastore('btrfs').vmDisksDir);
+      const run = (extra: Partial<BackupRunInput> = {}, duringBackup?: () => Promise<void>) => backup(vm, { mode, ...extra }, duringBackup);
+      await run();
+      const pattern = (byte: number) => Buffer.alloc(64 * KiB, byte);
+      const at = { before: 11 * MiB, overlay: 12 * MiB + 64 * KiB, afterCommit: 13 * MiB + 128 * KiB, duringRead: 14 * MiB + 192 * KiB };
+
+      await write(vm, 'disk0', at.before, 0, pattern(0xb1));
+      let duringRead: Promise<void> | undefined;
+      const first = await run(
+        {
+          hooks: { afterStorageSnapshot: () => write(vm, 'disk0', at.afterCommit, 0, pattern(0xc3)) },
+          onProgress: (progress) => {
+            if (progress.phase === 'copy') duringRead ??= write(vm, 'disk0', at.duringRead, 0, pattern(0xd4));
+          },
+        },
+        () => write(vm, 'disk0', at.overlay, 0, pattern(0xa2)),
+      );
+      await duringRead;
+      assert.ok(duringRead, 'the guest wrote during the read');
+      if (mode === 'regular') await write(vm, 'disk0', at.afterCommit, 0, pattern(0xc3)); // no storage snapshot: right after the backup
+      assert.equal(first.outcome.result!.stats.mode, mode);
+      assert.equal(diskStats(first.outcome, 'disk0').cbtSource, 'bitmap');
+      await assertRestoresTo(first.outcome, first.reference);
+      const second = await run();
+      assert.equal(diskStats(second.outcome, 'disk0').cbtSource, 'bitmap');
+      await assertRestoresTo(second.outcome, second.reference);
+
+      const restored = async (outcome: VmOutcome) => {
+        const target = join(workspace.dir, `moments-${outcome.result!.restorePoint.id}.raw`);
+        await restoreDisk(await repository.openRestorePoint(outcome.result!.restorePoint.id), 'disk0', target, { format: 'raw', force: true, chunkSizeBytes: repository.chunkSizeBytes });
+        return (offset: number) => bytesAt(target, offset, 64 * KiB);
+      };
+      const inFirst = await restored(first.outcome);
+      assert.deepEqual(inFirst(at.before), pattern(0xb1), 'written just before the snapshot: in this restore point');
+      for (const offset of [at.overlay, at.afterCommit, at.duringRead]) assert.deepEqual(inFirst(offset), pattern(0), 'written after the snapshot: not in this restore point');
+      const inSecond = await restored(second.outcome);
+      assert.deepEqual(inSecond(at.before), pattern(0xb1));
+      assert.deepEqual(inSecond(at.overlay), pattern(0xa2), 'written while the overlay lived: in the next restore point');
+      assert.deepEqual(inSecond(at.afterCommit), pattern(0xc3), 'written right after the commit: in the next restore point');
+      assert.deepEqual(inSecond(at.duringRead), pattern(0xd4), 'written during the read: in the next restore point');
+      assert.ok(diskStats(second.outcome, 'disk0').readBytes <= 3 * MiB, `the next incremental read ${diskStats(second.outcome, 'disk0').readBytes} bytes for three 64 KiB writes`);
+    });
+  }
 });
