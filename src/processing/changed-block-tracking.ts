@@ -163,6 +163,6 @@ class QemuBitmapSource implements ChangedBlockSource {
   async changedRegions(): Promise<Region[]> {
     await using diskExport = await this.exportWithBitmap(this.disk, this.index, this.bitmap);
     await using source = await NbdDiskSource.openBitmap(diskExport.socketPath, diskExport.exportName, this.bitmap);
-    return source.dirtyRegions(this.bitmap);
+    return await source.dirtyRegions(this.bitmap); // awaited here, before the export is disposed
   }
 }
