@@ -1,6 +1,7 @@
 // npm run bench -- <name> [options]: dispatches to bench/<name>.ts.
 const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void> }>> = {
   repository: () => import('./repository.ts'),
+  incremental: () => import('./incremental.ts'),
 };
 
 const [name, ...args] = process.argv.slice(2);

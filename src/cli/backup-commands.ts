@@ -22,6 +22,7 @@ export function registerBackupCommands(program: Command): void {
       .option('--mode <mode>', 'processing mode: storage-snapshot or regular', 'regular')
       .option('--no-failover-to-regular', 'in storage-snapshot mode, fail instead of falling back to regular mode')
       .option('--vms-per-storage-snapshot <n>', 'at most this many VMs share one storage snapshot', '10')
+      .option('--full', 'read every disk in full, even where changed-block tracking could limit the read')
       .option('--max-read-rate <MBps>', 'cap the read rate (MB/s), e.g. to spare a busy production link')
       .option('--quiesce', 'freeze guest file systems through the guest agent during the VM snapshot (host add --qga)')
       .option('--overlay-folder <dir>', 'local folder for the VM snapshot overlays of disks that are not files (RBD); default <home>/overlays')
@@ -35,7 +36,7 @@ export function registerBackupCommands(program: Command): void {
     .action(
       async (
         vmNames: string[],
-        options: RepositoryCliOptions & { mode: string; quiesce?: boolean; failoverToRegular: boolean; vmsPerStorageSnapshot: string; maxReadRate?: string; overlayFolder?: string; json?: boolean; quiet?: boolean },
+        options: RepositoryCliOptions & { mode: string; full?: boolean; quiesce?: boolean; failoverToRegular: boolean; vmsPerStorageSnapshot: string; maxReadRate?: string; overlayFolder?: string; json?: boolean; quiet?: boolean },
         command: Command,
       ) => {
         if (options.mode !== 'regular' && options.mode !== 'storage-snapshot') throw new SnapshiftError('USAGE', `unknown mode "${options.mode}": use storage-snapshot or regular`);
@@ -60,6 +61,7 @@ export function registerBackupCommands(program: Command): void {
             failoverToRegular: options.failoverToRegular,
             quiesce: options.quiesce,
             vmsPerStorageSnapshot,
+            full: options.full ?? false,
             maxReadBytesPerSecond: maxReadRate === undefined ? undefined : maxReadRate * 1e6,
             overlayFolder: resolve(options.overlayFolder ?? join(homeOf(command), 'overlays')),
             onProgress: (progress) => bars.get(progress.vmName)?.update(progress.processedBytes, progress.totalBytes, progress.phase),
@@ -214,7 +216,14 @@ export function formatSummary(stats: TaskStats): string {
     ['busy', `source ${stats.busyPercent.source}%, proxy ${stats.busyPercent.proxy}%, target ${stats.busyPercent.target}%`],
     ['bottleneck', stats.bottleneck],
     ...(stats.quiesce ? [['quiesce', stats.quiesce] as [string, string]] : []),
+    ...stats.disks.map((disk) => [`disk ${disk.name}`, formatDiskCbt(disk)] as [string, string]),
   ]);
+}
+
+/** One line per disk: incremental (CBT source, dirty vs read) or full, and why full when it could have been not. */
+function formatDiskCbt(disk: TaskStats['disks'][number]): string {
+  if (disk.cbtSource !== 'none') return `incremental (${disk.cbtSource}): ${formatBytes(disk.dirtyBytes ?? 0)} changed, ${formatBytes(disk.readBytes)} read`;
+  return `full read, ${formatBytes(disk.readBytes)} read${disk.fallbackReason ? ` (${disk.fallbackReason})` : ''}`;
 }
 
 function positiveInteger(value: string, option: string): number {

@@ -2,7 +2,7 @@ import type { DiskWriter } from '../repository/index.ts';
 import { TokenBucket } from '../core/token-bucket.ts';
 import { BusyClock } from './busy-clock.ts';
 import type { DiskSource } from './disk-source.ts';
-import { alignRegions } from './extent-map.ts';
+import { alignRegions, type Region } from './extent-map.ts';
 
 export interface DiskCopyOptions {
   chunkSizeBytes: number;
@@ -13,6 +13,12 @@ export interface DiskCopyOptions {
   signal?: AbortSignal;
   /** Caps the read rate (bytes/s), to stand for a slow production link in benchmarks. */
   maxReadBytesPerSecond?: number;
+  /**
+   * Read only these regions (changed-block tracking), rounded out to chunks; chunks outside them are not
+   * written at all, so the writer keeps what its base restore point has there. Default: the source's data
+   * regions, with everything else written as zeros.
+   */
+  changedRegions?: readonly Region[];
 }
 
 export interface DiskCopyStats {
@@ -37,7 +43,8 @@ export async function copyDisk(source: DiskSource, writer: DiskWriter, options: 
   const readAhead = Math.max(1, options.readAhead ?? 8);
   const sourceClock = new BusyClock();
   const stats: DiskCopyStats = { sizeBytes: source.sizeBytes, bytesRead: 0, zeroBytes: 0, sourceBusyMs: 0, writerWaitMs: 0, durationMs: 0 };
-  const regions = alignRegions(await sourceClock.time(() => source.dataRegions()), chunkBytes, source.sizeBytes);
+  const incremental = options.changedRegions !== undefined;
+  const regions = alignRegions(options.changedRegions ?? (await sourceClock.time(() => source.dataRegions())), chunkBytes, source.sizeBytes);
   const throttle = options.maxReadBytesPerSecond ? new TokenBucket(options.maxReadBytesPerSecond) : undefined;
   let processed = 0;
 
@@ -54,13 +61,13 @@ export async function copyDisk(source: DiskSource, writer: DiskWriter, options: 
   let cursor = 0;
   const zeroRuns: Array<{ before: number; offset: number; length: number }> = [];
   for (const region of regions) {
-    if (region.offset > cursor) zeroRuns.push({ before: reads.length, offset: cursor, length: region.offset - cursor });
+    if (region.offset > cursor && !incremental) zeroRuns.push({ before: reads.length, offset: cursor, length: region.offset - cursor });
     for (let offset = region.offset; offset < region.offset + region.length; offset += chunkBytes) {
       reads.push({ offset, length: Math.min(chunkBytes, region.offset + region.length - offset) });
     }
     cursor = region.offset + region.length;
   }
-  if (cursor < source.sizeBytes) zeroRuns.push({ before: reads.length, offset: cursor, length: source.sizeBytes - cursor });
+  if (cursor < source.sizeBytes && !incremental) zeroRuns.push({ before: reads.length, offset: cursor, length: source.sizeBytes - cursor });
 
   const startRead = async (index: number): Promise<Buffer> => {
     const chunk = reads[index]!;

@@ -13,6 +13,15 @@ export class NbdDiskSource implements DiskSource, AsyncDisposable {
     return new NbdDiskSource(nbd);
   }
 
+  /**
+   * Opens an export for the dirty bitmap `bitmapName` only (the export must carry it: block-export-add
+   * bitmaps=[...]); `dirtyRegions()` then lists what it marks.
+   */
+  static async openBitmap(socketPath: string, exportName: string, bitmapName: string): Promise<NbdDiskSource> {
+    const nbd = await NbdClient.connect({ socketPath, exportName, metaContexts: [dirtyBitmapContext(bitmapName)] });
+    return new NbdDiskSource(nbd);
+  }
+
   get sizeBytes(): number {
     return this.nbd.sizeBytes;
   }
@@ -28,7 +37,16 @@ export class NbdDiskSource implements DiskSource, AsyncDisposable {
     return collectRegions(this.nbd.extents(allocationContext), 'data');
   }
 
+  /** Regions the dirty bitmap `bitmapName` marks changed (NBD meta context `qemu:dirty-bitmap:NAME`). */
+  async dirtyRegions(bitmapName: string): Promise<Region[]> {
+    return collectRegions(this.nbd.extents(dirtyBitmapContext(bitmapName)), 'dirty');
+  }
+
   async [Symbol.asyncDispose](): Promise<void> {
     await this.nbd.close();
   }
+}
+
+function dirtyBitmapContext(bitmapName: string): string {
+  return `qemu:dirty-bitmap:${bitmapName}`;
 }

@@ -26,6 +26,8 @@ export interface BackupRunInput extends TaskTuning {
   parallel?: number;
   /** Session id to use (a job runner makes one first); default a new one. */
   sessionId?: string;
+  /** Read every disk in full, even where changed-block tracking could limit the read (`backup --full`). */
+  full?: boolean;
 }
 
 export interface VmOutcome {

@@ -2,13 +2,13 @@ import { randomUUID } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Catalog, HostRecord } from '../catalog/index.ts';
-import type { DiskCopyStats } from '../datamover/disk-copier.ts';
 import type { VmSnapshotStats } from '../hypervisor/hypervisor.ts';
 import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
 import type { Repository, RestorePointSummary } from '../repository/index.ts';
+import { planChangedBlocks } from './changed-block-tracking.ts';
 import { huntVmSnapshots, type HuntAction } from './snapshot-hunter.ts';
 import { summarizeTask, type TaskStats } from './task-stats.ts';
-import { copyVmDisks, socketSafe } from './vm-copy.ts';
+import { copyVmDisks, socketSafe, type VmDiskCopy } from './vm-copy.ts';
 import { planQuiesce } from './quiesce.ts';
 import type { TaskTuning } from './task-options.ts';
 
@@ -28,6 +28,8 @@ export interface BackupTaskInput extends TaskTuning {
   sessionId?: string;
   /** Why a storage-snapshot task runs in regular mode instead; recorded with the restore point. */
   failoverReason?: string;
+  /** Read every disk in full, even where changed-block tracking could limit the read (`backup --full`). */
+  full?: boolean;
   /** The run already hunted leftovers before its first task. */
   skipHunt?: boolean;
   /** Called at the moments a crash matters most (tests use them to write, measure or kill). */
@@ -74,17 +76,28 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
     input.onProgress?.({ vmName: hostRecord.name, phase, processedBytes, totalBytes });
 
   await using quiescePlan = await planQuiesce(hostRecord, input.quiesce ?? false);
-  const writer = await repository.startBackup({ vmName: hostRecord.name });
+  const nbdSocketPath = join(input.runDir, `nbd-${socketSafe(hostRecord.name)}.sock`);
+  const cbt = await planChangedBlocks({
+    qmp: host.qmp,
+    vmName: hostRecord.name,
+    disks,
+    repository,
+    tag,
+    full: input.full,
+    exportWithBitmap: (disk, index, bitmap) => host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-bitmap-${index}`, socketPath: nbdSocketPath, bitmaps: [bitmap] }),
+  });
+  const writer = await repository.startBackup({ vmName: hostRecord.name, baseRestorePointId: cbt.baseRestorePointId });
   let committed = false;
   try {
     report('snapshot', 0);
-    const copies: Array<{ name: string; stats: DiskCopyStats }> = [];
+    const copies: VmDiskCopy[] = [];
     let vmSnapshotStats: VmSnapshotStats;
     {
       await using vmSnapshot = await host.snapshot(disks, {
         tag,
         quiesce: quiescePlan.quiesce,
         overlayFolder: input.overlayFolder,
+        dirtyBitmaps: cbt.rotations,
         ledger: {
           recordIntent: (overlays) =>
             catalog.recordVmSnapshotIntent({ vmName: hostRecord.name, qmpSocketPath: hostRecord.qmpSocketPath, ownerPid: process.pid, sessionId, overlays: [...overlays] }),
@@ -96,13 +109,14 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
         ...(await copyVmDisks(
           writer,
           disks,
-          (disk, index) => host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-${index}`, socketPath: join(input.runDir, `nbd-${socketSafe(hostRecord.name)}.sock`) }),
+          (disk, index) => host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-${index}`, socketPath: nbdSocketPath }),
           {
             chunkSizeBytes: repository.chunkSizeBytes,
             readAhead: input.readAhead,
             maxReadBytesPerSecond: input.maxReadBytesPerSecond,
             signal: input.signal,
             onProgress: (processed) => report('copy', processed),
+            readPlans: cbt.readPlans,
           },
         )),
       );
@@ -118,11 +132,16 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
       failoverReason: input.failoverReason,
       disks: disks.map((disk) => ({ name: disk.name, format: disk.format, imagePath: disk.imagePath, virtualSizeBytes: disk.virtualSizeBytes })),
       stats,
+      cbt: cbt.record,
     });
     committed = true;
+    await cbt.finish(true);
     catalog.addRestorePoint({ id: restorePoint.id, vmName: hostRecord.name, repositoryPath: repository.path, createdAt: restorePoint.createdAt, mode: 'regular', stats: { ...stats, failoverReason: input.failoverReason } });
     return { restorePoint, stats };
   } finally {
-    if (!committed) await writer.abort();
+    if (!committed) {
+      await writer.abort();
+      await cbt.finish(false);
+    }
   }
 }

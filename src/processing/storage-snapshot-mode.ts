@@ -2,16 +2,16 @@ import { join } from 'node:path';
 import type { Catalog, HostRecord } from '../catalog/index.ts';
 import { CleanupStack } from '../core/cleanup-stack.ts';
 import { SnapshiftError, messageOf } from '../core/errors.ts';
-import type { DiskCopyStats } from '../datamover/disk-copier.ts';
 import { exportImageReadOnly } from '../datamover/image-exporter.ts';
 import type { VmDisk, VmSnapshot, VmSnapshotStats } from '../hypervisor/hypervisor.ts';
 import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
 import type { BackupWriter, Repository } from '../repository/index.ts';
 import { locateImage, storageSystems, type LocatedImage } from '../storage/registry.ts';
 import type { StorageSnapshot, StorageSystem, Volume } from '../storage/storage-system.ts';
+import { planChangedBlocks, type VmCbtPlan } from './changed-block-tracking.ts';
 import type { BackupTaskResult, TaskProgress } from './regular-mode.ts';
 import { summarizeTask } from './task-stats.ts';
-import { copyVmDisks, socketSafe } from './vm-copy.ts';
+import { copyVmDisks, socketSafe, type VmDiskCopy } from './vm-copy.ts';
 import { planQuiesce, type QuiescePlan } from './quiesce.ts';
 import type { TaskTuning } from './task-options.ts';
 
@@ -24,6 +24,8 @@ export interface StorageGroupInput extends TaskTuning {
   /** Continue in regular mode when the storage snapshot cannot be taken (default on). */
   failoverToRegular: boolean;
   systems?: readonly StorageSystem[];
+  /** Read every disk in full, even where changed-block tracking could limit the read (`backup --full`). */
+  full?: boolean;
   /** Test hooks at the two moments a crash matters most. */
   hooks?: { afterStorageSnapshot?: () => Promise<void> | void; afterVmSnapshots?: () => Promise<void> | void };
 }
@@ -42,6 +44,7 @@ interface GroupMember {
   located: LocatedImage[];
   writer: BackupWriter;
   quiescePlan: QuiescePlan;
+  cbt: VmCbtPlan;
   vmSnapshot?: VmSnapshot;
   vmSnapshotStats?: VmSnapshotStats;
   error?: Error;
@@ -72,12 +75,27 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
         if (!where) throw new StorageUnsupported(`disk ${disk.name} (${disk.imagePath}) is on no storage system snapshift can snapshot`);
         located.push(where);
       }
-      const writer = await input.repository.startBackup({ vmName: record.name });
+      // The bitmap lives in the VM, so its block status comes from the VM's own export even when the data
+      // comes from the storage snapshot.
+      const cbt = await planChangedBlocks({
+        qmp: host.qmp,
+        vmName: record.name,
+        disks,
+        repository: input.repository,
+        tag,
+        full: input.full,
+        exportWithBitmap: (disk, index, bitmap) =>
+          host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-bitmap-${index}`, socketPath: join(input.runDir, `nbd-${socketSafe(record.name)}.sock`), bitmaps: [bitmap] }),
+      });
+      const writer = await input.repository.startBackup({ vmName: record.name, baseRestorePointId: cbt.baseRestorePointId });
       cleanup.defer(`abort unfinished restore point of ${record.name}`, async () => {
-        if (!outcomes.some((outcome) => outcome.vmName === record.name && outcome.result)) await writer.abort();
+        if (!outcomes.some((outcome) => outcome.vmName === record.name && outcome.result)) {
+          await writer.abort();
+          await cbt.finish(false);
+        }
       });
       const quiescePlan = cleanup.use(`guest agent of ${record.name}`, await planQuiesce(record, input.quiesce ?? false));
-      members.push({ record, host, disks, located, writer, quiescePlan });
+      members.push({ record, host, disks, located, writer, cbt, quiescePlan });
     } catch (error) {
       outcomes.push({ vmName: record.name, error: error as Error });
     }
@@ -91,6 +109,7 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
         tag,
         quiesce: member.quiescePlan.quiesce,
         overlayFolder: input.overlayFolder,
+        dirtyBitmaps: member.cbt.rotations,
         ledger: {
           recordIntent: (overlays) =>
             input.catalog.recordVmSnapshotIntent({ vmName: member.record.name, qmpSocketPath: member.record.qmpSocketPath, ownerPid: process.pid, sessionId: input.sessionId, overlays: [...overlays] }),
@@ -172,8 +191,9 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
         maxReadBytesPerSecond: input.maxReadBytesPerSecond,
         signal: input.signal,
         onProgress: (processedBytes: number) => input.onProgress?.({ vmName: member.record.name, phase: 'copy', processedBytes, totalBytes }),
+        readPlans: member.cbt.readPlans,
       };
-      let copies: Array<{ name: string; stats: DiskCopyStats }>;
+      let copies: VmDiskCopy[];
       if (useStorage) {
         copies = await copyVmDisks(
           member.writer,
@@ -217,9 +237,11 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
         failoverReason,
         disks: member.disks.map((disk) => ({ name: disk.name, format: disk.format, imagePath: disk.imagePath, virtualSizeBytes: disk.virtualSizeBytes })),
         stats,
+        cbt: member.cbt.record,
       });
       input.catalog.addRestorePoint({ id: restorePoint.id, vmName: member.record.name, repositoryPath: input.repository.path, createdAt: restorePoint.createdAt, mode, stats: { ...stats, failoverReason, storageKinds } });
       outcomes.push({ vmName: member.record.name, result: { restorePoint, stats, recovered: [], failoverReason, storageKinds } });
+      await member.cbt.finish(true);
     } catch (error) {
       outcomes.push({ vmName: member.record.name, error: error as Error });
     }

@@ -1,4 +1,5 @@
 import type { WriterStats } from '../repository/index.ts';
+import type { DiskCbtStats } from '../datamover/changed-blocks.ts';
 import type { DiskCopyStats } from '../datamover/disk-copier.ts';
 
 export type Stage = 'source' | 'proxy' | 'target';
@@ -21,14 +22,14 @@ export interface TaskStats {
   quiesce: string | null;
   busyPercent: Record<Stage, number>;
   bottleneck: Stage;
-  disks: Array<{ name: string; sizeBytes: number; readBytes: number; zeroBytes: number; durationMs: number }>;
+  disks: Array<{ name: string; sizeBytes: number; readBytes: number; zeroBytes: number; durationMs: number } & DiskCbtStats>;
 }
 
 /** Folds the data mover's and the repository writer's counters into the task's statistics. */
 export function summarizeTask(input: {
   mode: string;
   durationMs: number;
-  copies: Array<{ name: string; stats: DiskCopyStats }>;
+  copies: Array<{ name: string; stats: DiskCopyStats; cbt?: DiskCbtStats }>;
   writer: WriterStats;
   /** Blob workers in the pool: their busy times add up, so capacity is this many times the wall time. */
   workerCount?: number;
@@ -69,6 +70,9 @@ export function summarizeTask(input: {
       readBytes: copy.stats.bytesRead,
       zeroBytes: copy.stats.zeroBytes,
       durationMs: copy.stats.durationMs,
+      cbtSource: copy.cbt?.cbtSource ?? 'none',
+      dirtyBytes: copy.cbt?.dirtyBytes ?? null,
+      fallbackReason: copy.cbt?.fallbackReason ?? null,
     })),
   };
 }

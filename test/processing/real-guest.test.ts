@@ -76,7 +76,11 @@ describe('a real TCG guest writing during the backup', () => {
       const devices = await qmp.execute<Array<{ qdev: string; inserted?: { 'node-name': string; file: string } }>>('query-block');
       assert.equal(devices[0]!.inserted!['node-name'], 'g1-disk0', 'the guest reads its original node again');
       assert.equal(devices[0]!.inserted!.file, vm.diskPath);
-      await exec('qemu-img', ['check', '-U', '-q', vm.diskPath]);
+      // Live, QEMU keeps the clusters of a persistent dirty bitmap (CBT) in memory: qemu-img -U sees them as
+      // leaked (exit 3, harmless, gone at a clean close; docs/CBT.md). Corruption (exit 2) must never appear.
+      await exec('qemu-img', ['check', '-U', '-q', vm.diskPath]).catch((error: Error) => {
+        if ((error.cause as { code?: number } | undefined)?.code !== 3) throw error;
+      });
       assert.deepEqual(catalog.listVmSnapshotLedger(), []);
       await exec('rm', ['-f', referenceCopy]);
     });

@@ -3,6 +3,7 @@ import { SnapshiftError } from '../../core/errors.ts';
 import type { VmDisk, VmSnapshot, VmSnapshotOverlay, VmSnapshotStats } from '../hypervisor.ts';
 import { nextOverlayPath } from './overlay-path.ts';
 import { commitOverlay } from './block-commit.ts';
+import { bitmapRotationActions, type BitmapRotation } from './dirty-bitmaps.ts';
 import type { QmpSession } from './qmp-session.ts';
 
 /** Where the intent to snapshot is recorded before QEMU is asked, and cleared after the commit. */
@@ -19,6 +20,8 @@ export interface TakeVmSnapshotOptions {
   overlayFolder?: string;
   /** Runs while the snapshot is being taken, e.g. guest fsfreeze/thaw around it. */
   quiesce?: { freeze(): Promise<void>; thaw(): Promise<void> };
+  /** Dirty-bitmap changes made in the same transaction, at the snapshot's instant (changed-block tracking). */
+  dirtyBitmaps?: readonly BitmapRotation[];
 }
 
 /** Formats whose images QEMU can put a qcow2 overlay on and that we know how to read back. */
@@ -57,10 +60,13 @@ export async function takeQemuVmSnapshot(qmp: QmpSession, disks: readonly VmDisk
       frozen = true;
     }
     await qmp.execute('transaction', {
-      actions: overlays.map((overlay) => ({
-        type: 'blockdev-snapshot-sync',
-        data: { 'node-name': overlay.baseNodeName, 'snapshot-file': overlay.overlayPath, 'snapshot-node-name': overlay.overlayNodeName, format: 'qcow2' },
-      })),
+      actions: [
+        ...bitmapRotationActions(options.dirtyBitmaps ?? []),
+        ...overlays.map((overlay) => ({
+          type: 'blockdev-snapshot-sync',
+          data: { 'node-name': overlay.baseNodeName, 'snapshot-file': overlay.overlayPath, 'snapshot-node-name': overlay.overlayNodeName, format: 'qcow2' },
+        })),
+      ],
     });
   } catch (error) {
     // The transaction is all-or-nothing: no overlay is active, but QEMU may have created files.

@@ -1,0 +1,168 @@
+import { messageOf } from '../core/errors.ts';
+import type { ChangedBlockSource, DiskReadPlan } from '../datamover/changed-blocks.ts';
+import type { Region } from '../datamover/extent-map.ts';
+import { NbdDiskSource } from '../datamover/nbd-disk-source.ts';
+import type { DiskExport, VmDisk } from '../hypervisor/hypervisor.ts';
+import {
+  bitmapNameFor,
+  bitmapPrefix,
+  listDirtyBitmaps,
+  removeDirtyBitmap,
+  revertBitmapRotation,
+  type BitmapRotation,
+} from '../hypervisor/qemu/dirty-bitmaps.ts';
+import type { QmpSession } from '../hypervisor/qemu/qmp-session.ts';
+import type { Repository, RestorePointSummary } from '../repository/index.ts';
+
+/** What a restore point records per disk so the next backup can trust (or distrust) its bitmap. */
+export interface CbtDiskRecord {
+  /** The bitmap that records writes since this restore point. */
+  bitmap: string;
+  virtualSizeBytes: number;
+  imagePath: string;
+}
+
+/** Stored as `extra.cbt` of a restore point. */
+export interface CbtRecord {
+  disks: Record<string, CbtDiskRecord>;
+}
+
+/** Exports a node of the live VM read-only with `bitmap` attached, to read its block status. */
+export type BitmapExporter = (disk: VmDisk, index: number, bitmap: string) => Promise<DiskExport>;
+
+/**
+ * Changed-block tracking for one VM task with QEMU dirty bitmaps (docs/CBT.md): decides per disk whether
+ * the previous restore point's bitmap can be trusted, says which bitmap changes go into the VM snapshot's
+ * transaction, and afterwards drops (success) or folds back (failure) the frozen bitmap.
+ */
+export interface VmCbtPlan {
+  /** The VM's latest restore point in the repository: unchanged chunks are inherited from it. */
+  readonly baseRestorePointId: string | undefined;
+  /** Bitmap changes for the VM snapshot's transaction. */
+  readonly rotations: readonly BitmapRotation[];
+  /** How each disk (by name) is read. */
+  readonly readPlans: ReadonlyMap<string, DiskReadPlan>;
+  /** What the restore point of this task records, for the next backup. */
+  readonly record: CbtRecord;
+  /** After the restore point is written (true) or not (false): never loses a write between restore points. */
+  finish(succeeded: boolean): Promise<void>;
+}
+
+export interface PlanCbtInput {
+  qmp: QmpSession;
+  vmName: string;
+  disks: readonly VmDisk[];
+  repository: Repository;
+  /** Session tag: the new bitmaps are `snapshift-<tag>`. */
+  tag: string;
+  /** Read every disk in full even where the bitmap is good (`backup --full`); new bitmaps still start. */
+  full?: boolean;
+  exportWithBitmap: BitmapExporter;
+}
+
+/**
+ * Plans CBT for a VM. Must run before the VM snapshot (its rotations go into that transaction) and before
+ * the repository writer starts (it names the base restore point). Bitmaps of ours that no restore point
+ * can use (left by interrupted tasks, inconsistent, stopped) are removed here.
+ */
+export async function planChangedBlocks(input: PlanCbtInput): Promise<VmCbtPlan> {
+  const latest = (await input.repository.listRestorePoints(input.vmName)).at(-1);
+  const previous = latest ? cbtRecordOf(latest) : undefined;
+  const newBitmap = bitmapNameFor(input.tag);
+  const rotations: BitmapRotation[] = [];
+  const readPlans = new Map<string, DiskReadPlan>();
+  const record: CbtRecord = { disks: {} };
+
+  for (const [index, disk] of input.disks.entries()) {
+    const recorded = previous?.disks[disk.name];
+    const bitmaps = await listDirtyBitmaps(input.qmp, disk.nodeName);
+    const existing = recorded ? bitmaps.find((bitmap) => bitmap.name === recorded.bitmap) : undefined;
+    // The previous restore point's bitmap can be frozen (and later dropped or restored) if it is sound.
+    const freezable = existing !== undefined && !existing.inconsistent && existing.recording && !existing.busy;
+    for (const bitmap of bitmaps) {
+      if (bitmap.name.startsWith(bitmapPrefix) && !(freezable && bitmap.name === existing.name)) await removeDirtyBitmap(input.qmp, disk.nodeName, bitmap.name);
+    }
+
+    let fallbackReason: string | undefined;
+    if (!latest) fallbackReason = undefined; // the first backup of the VM: a full read, nothing to explain
+    else if (!recorded) fallbackReason = `the previous restore point ${latest.id.slice(0, 12)} has no changed-block record for disk ${disk.name}`;
+    else if (!existing) fallbackReason = `dirty bitmap ${recorded.bitmap} is gone from disk ${disk.name} (QEMU restarted with a raw disk, or it was removed by hand)`;
+    else if (existing.inconsistent) fallbackReason = `dirty bitmap ${recorded.bitmap} of disk ${disk.name} is inconsistent (QEMU was not shut down cleanly)`;
+    else if (!existing.recording) fallbackReason = `dirty bitmap ${recorded.bitmap} of disk ${disk.name} had stopped recording (an earlier backup was interrupted)`;
+    else if (existing.busy) fallbackReason = `dirty bitmap ${recorded.bitmap} of disk ${disk.name} is in use by another job`;
+    else if (recorded.virtualSizeBytes !== disk.virtualSizeBytes) fallbackReason = `disk ${disk.name} was resized from ${recorded.virtualSizeBytes} to ${disk.virtualSizeBytes} bytes`;
+    else if (recorded.imagePath !== disk.imagePath) fallbackReason = `disk ${disk.name} now uses image ${disk.imagePath}, not ${recorded.imagePath}`;
+    else if (input.full) fallbackReason = 'a full read was asked for (--full)';
+
+    const usable = latest !== undefined && recorded !== undefined && freezable && fallbackReason === undefined;
+    readPlans.set(disk.name, usable ? { kind: 'changed', source: new QemuBitmapSource(disk, index, recorded.bitmap, input.exportWithBitmap) } : { kind: 'full', fallbackReason });
+    // Raw images cannot store bitmaps: theirs live in QEMU's memory only, lost (and then detected) on restart.
+    rotations.push({ nodeName: disk.nodeName, freeze: freezable ? existing.name : undefined, start: { name: newBitmap, persistent: disk.format === 'qcow2' } });
+    record.disks[disk.name] = { bitmap: newBitmap, virtualSizeBytes: disk.virtualSizeBytes, imagePath: disk.imagePath };
+  }
+
+  let finished = false;
+  return {
+    baseRestorePointId: latest?.id,
+    rotations,
+    readPlans,
+    record,
+    async finish(succeeded: boolean): Promise<void> {
+      if (finished) return;
+      finished = true;
+      const failures: unknown[] = [];
+      for (const rotation of rotations) {
+        try {
+          // Only what the transaction really did is undone or dropped: it may never have run.
+          const names = new Set((await listDirtyBitmaps(input.qmp, rotation.nodeName)).map((bitmap) => bitmap.name));
+          if (!names.has(rotation.start.name)) continue;
+          if (succeeded) {
+            if (rotation.freeze && names.has(rotation.freeze)) await removeDirtyBitmap(input.qmp, rotation.nodeName, rotation.freeze);
+          } else {
+            await revertBitmapRotation(input.qmp, { ...rotation, freeze: rotation.freeze && names.has(rotation.freeze) ? rotation.freeze : undefined });
+          }
+        } catch (error) {
+          failures.push(error);
+        }
+      }
+      // Not fatal to the restore point: a bitmap left behind is found and removed by the next backup, whose
+      // checks then choose a full read for that disk.
+      if (failures.length > 0) process.emitWarning(`snapshift: dirty bitmaps of ${input.vmName} not cleaned up: ${messageOf(failures[0])}`);
+    },
+  };
+}
+
+/** The CBT record of a restore point, if it has a well-formed one. */
+export function cbtRecordOf(restorePoint: RestorePointSummary): CbtRecord | undefined {
+  const value = restorePoint.extra.cbt as { disks?: unknown } | undefined;
+  if (!value || typeof value !== 'object' || !value.disks || typeof value.disks !== 'object') return undefined;
+  const disks: Record<string, CbtDiskRecord> = {};
+  for (const [name, entry] of Object.entries(value.disks as Record<string, unknown>)) {
+    const disk = entry as Partial<CbtDiskRecord>;
+    if (typeof disk.bitmap === 'string' && typeof disk.virtualSizeBytes === 'number' && typeof disk.imagePath === 'string') {
+      disks[name] = { bitmap: disk.bitmap, virtualSizeBytes: disk.virtualSizeBytes, imagePath: disk.imagePath };
+    }
+  }
+  return { disks };
+}
+
+/**
+ * The frozen bitmap of one disk, read as block status through a read-only export of the live VM's node.
+ * QEMU refuses an enabled bitmap on a read-only export; the frozen one is disabled. In storage-snapshot
+ * mode the data comes from the storage snapshot, but the bitmap lives only in the VM: hence its own export.
+ */
+class QemuBitmapSource implements ChangedBlockSource {
+  readonly kind = 'bitmap' as const;
+  constructor(
+    private readonly disk: VmDisk,
+    private readonly index: number,
+    private readonly bitmap: string,
+    private readonly exportWithBitmap: BitmapExporter,
+  ) {}
+
+  async changedRegions(): Promise<Region[]> {
+    await using diskExport = await this.exportWithBitmap(this.disk, this.index, this.bitmap);
+    await using source = await NbdDiskSource.openBitmap(diskExport.socketPath, diskExport.exportName, this.bitmap);
+    return await source.dirtyRegions(this.bitmap); // awaited here, before the export is disposed
+  }
+}
