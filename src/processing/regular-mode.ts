@@ -109,7 +109,8 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
       vmSnapshotStats = await vmSnapshot.commit();
     }
     report('finalize', totalBytes);
-    const stats = summarizeTask({ mode: 'regular', durationMs: performance.now() - started, copies, writer: writer.stats, vmSnapshot: vmSnapshotStats });
+    const writerStats = await writer.settle();
+    const stats = summarizeTask({ mode: 'regular', durationMs: performance.now() - started, copies, writer: writerStats, vmSnapshot: vmSnapshotStats });
     const restorePoint = await writer.commit({
       mode: 'regular',
       sessionId,
