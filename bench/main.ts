@@ -1,6 +1,8 @@
 // npm run bench -- <name> [options]: dispatches to bench/<name>.ts.
 const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void> }>> = {
   repository: () => import('./repository.ts'),
+  regular: () => import('./regular.ts'),
+  modes: () => import('./modes.ts'),
 };
 
 const [name, ...args] = process.argv.slice(2);
