@@ -19,7 +19,8 @@ export interface TaskStats {
   storageSnapshotLifetimeMs: number | null;
   busyPercent: Record<Stage, number>;
   bottleneck: Stage;
-  disks: Array<{ name: string; sizeBytes: number; readBytes: number; zeroBytes: number; durationMs: number }>;
+  /** Per disk; `writerWaitMs` is the copy's time waiting for the repository to take chunks (its backpressure). */
+  disks: Array<{ name: string; sizeBytes: number; readBytes: number; zeroBytes: number; durationMs: number; writerWaitMs: number }>;
 }
 
 /** Folds the data mover's and the repository writer's counters into the task's statistics. */
@@ -63,6 +64,7 @@ export function summarizeTask(input: {
       readBytes: copy.stats.bytesRead,
       zeroBytes: copy.stats.zeroBytes,
       durationMs: copy.stats.durationMs,
+      writerWaitMs: copy.stats.writerWaitMs,
     })),
   };
 }
