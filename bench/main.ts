@@ -2,6 +2,8 @@
 const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void> }>> = {
   repository: () => import('./repository.ts'),
   incremental: () => import('./incremental.ts'),
+  regular: () => import('./regular.ts'),
+  modes: () => import('./modes.ts'),
 };
 
 const [name, ...args] = process.argv.slice(2);

@@ -15,7 +15,7 @@ export class ProgressBar {
     this.#bar = new cliProgress.SingleBar(
       {
         stream: process.stderr,
-        format: `${label} [{bar}] {percentage}% | {done} of {total} | {rate} | ETA {eta_formatted} | {phase}`,
+        format: `${label} [{bar}] {percentage}% | {done} of {size} | {rate} | ETA {eta_formatted} | {phase}`,
         hideCursor: true,
         etaBuffer: 50,
       },
@@ -26,7 +26,8 @@ export class ProgressBar {
   update(doneBytes: number, totalBytes: number, phase: string): void {
     if (!this.#bar) return;
     const elapsedS = Math.max(0.001, (performance.now() - this.#startedAt) / 1000);
-    const payload = { done: formatBytes(doneBytes), total: formatBytes(totalBytes), rate: `${(doneBytes / 1e6 / elapsedS).toFixed(1)} MB/s`, phase };
+    // Not `total`: cli-progress fills {total} itself, with the raw byte count.
+    const payload = { done: formatBytes(doneBytes), size: formatBytes(totalBytes), rate: `${(doneBytes / 1e6 / elapsedS).toFixed(1)} MB/s`, phase };
     if (!this.#started) {
       this.#bar.start(totalBytes, doneBytes, payload);
       this.#started = true;

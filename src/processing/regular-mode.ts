@@ -124,8 +124,8 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
       vmSnapshotStats = await vmSnapshot.commit();
     }
     report('finalize', totalBytes);
-    await writer.drain();
-    const stats = summarizeTask({ mode: 'regular', durationMs: performance.now() - started, copies, writer: writer.stats, workerCount: repository.workerCount, vmSnapshot: vmSnapshotStats, quiesceNote: quiescePlan.note });
+    const writerStats = await writer.settle();
+    const stats = summarizeTask({ mode: 'regular', durationMs: performance.now() - started, copies, writer: writerStats, workerCount: repository.workerCount, vmSnapshot: vmSnapshotStats, quiesceNote: quiescePlan.note });
     const restorePoint = await writer.commit({
       mode: 'regular',
       sessionId,

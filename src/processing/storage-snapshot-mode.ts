@@ -219,12 +219,12 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
       const storageKinds = [...new Set(member.located.map((where) => where.system.kind))];
       const storageSnapshotLifetimeMs = useStorage ? Math.max(...storageSnapshots.map((snapshot) => snapshot.lifetimeMs)) : undefined;
       const mode = useStorage ? 'storage-snapshot' : 'regular';
-      await member.writer.drain();
+      const writerStats = await member.writer.settle();
       const stats = summarizeTask({
         mode,
         durationMs: performance.now() - (members.length === 1 ? started : memberStarted),
         copies,
-        writer: member.writer.stats,
+        writer: writerStats,
         workerCount: input.repository.workerCount,
         vmSnapshot: member.vmSnapshotStats!,
         storageSnapshotLifetimeMs,

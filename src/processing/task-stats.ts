@@ -22,7 +22,8 @@ export interface TaskStats {
   quiesce: string | null;
   busyPercent: Record<Stage, number>;
   bottleneck: Stage;
-  disks: Array<{ name: string; sizeBytes: number; readBytes: number; zeroBytes: number; durationMs: number } & DiskCbtStats>;
+  /** Per disk; `writerWaitMs` is the copy's time waiting for the repository to take chunks (its backpressure). */
+  disks: Array<{ name: string; sizeBytes: number; readBytes: number; zeroBytes: number; durationMs: number; writerWaitMs: number } & DiskCbtStats>;
 }
 
 /** Folds the data mover's and the repository writer's counters into the task's statistics. */
@@ -73,6 +74,7 @@ export function summarizeTask(input: {
       cbtSource: copy.cbt?.cbtSource ?? 'none',
       dirtyBytes: copy.cbt?.dirtyBytes ?? null,
       fallbackReason: copy.cbt?.fallbackReason ?? null,
+      writerWaitMs: copy.stats.writerWaitMs,
     })),
   };
 }

@@ -153,11 +153,18 @@ export class BackupWriter {
     this.stats.workerBusyMs = this.repository.pool().busyMs - this.#poolBusyAtStart;
   }
 
-  /** Waits until every chunk handed over is hashed and stored (or deduplicated); then `stats` are complete. */
-  async drain(): Promise<WriterStats> {
+  /**
+   * Waits for every chunk handed over so far to be stored (last pack sealed, index written) and returns the
+   * final stats. Task statistics must be taken after this: before it, chunks still in the workers and the
+   * pack being filled are not counted (transferred bytes and busy times would read 0).
+   */
+  async settle(): Promise<WriterStats> {
+    this.#checkUsable();
     await this.#drain();
-    this.#updateStats();
     if (this.#failure) throw this.#failure;
+    await this.#packWriter.flush();
+    await this.#writeIndex();
+    this.#updateStats();
     return this.stats;
   }
 
@@ -165,11 +172,7 @@ export class BackupWriter {
   async commit(extra: Record<string, unknown> = {}): Promise<RestorePointSummary> {
     if (this.#finished) throw new SnapshiftError('REPO_WRITER_CLOSED', 'this backup writer has already committed or aborted');
     try {
-      if (this.#failure) throw this.#failure;
-      await this.#drain();
-      if (this.#failure) throw this.#failure;
-      await this.#packWriter.flush();
-      await this.#writeIndex();
+      await this.settle();
       const header: ManifestHeader = {
         id: randomBytes(16).toString('hex'),
         vmName: this.vmName,
