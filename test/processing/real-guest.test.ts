@@ -85,4 +85,40 @@ describe('a real TCG guest writing during the backup', () => {
       await exec('rm', ['-f', referenceCopy]);
     });
   }
+
+  test('changed-block tracking on a writing guest: a full, then 3 incrementals, each equal to its point in time', async () => {
+    const referenceCopy = join(lab().datastore('btrfs').mountPoint, 'reference-cbt.qcow2');
+    const backupOnce = async (full: boolean) => {
+      const run = await runBackup({
+        hosts: [catalog.getHost('g1')!],
+        mode: 'storage-snapshot',
+        repository,
+        catalog,
+        runDir: join(workspace.dir, 'home', 'run'),
+        full,
+        hooks: { afterVmSnapshots: () => exec('cp', ['--reflink=always', vm.diskPath, referenceCopy]).then(() => undefined) },
+      });
+      const outcome = run.outcomes[0]!;
+      assert.equal(outcome.error, undefined, outcome.error?.message);
+      const restored = join(workspace.dir, 'restored-cbt.raw');
+      await restoreDisk(await repository.openRestorePoint(outcome.result!.restorePoint.id), 'vda', restored, { format: 'raw', force: true, chunkSizeBytes: repository.chunkSizeBytes });
+      assert.equal(await md5File(restored), await md5OfImage(referenceCopy, 'qcow2', workspace.dir), 'the restore point equals its point in time');
+      await exec('rm', ['-f', referenceCopy, restored]);
+      return outcome.result!.stats;
+    };
+    await backupOnce(true);
+    for (let incremental = 1; incremental <= 3; incremental++) {
+      const writesBefore = (await vm.heartbeats()).at(-1)!.writes;
+      await vm.waitForHeartbeats((await vm.heartbeats()).length + 2, 20_000); // the guest writes between backups
+      const stats = await backupOnce(false);
+      const disk = stats.disks[0]!;
+      assert.equal(disk.cbtSource, 'bitmap', `incremental ${incremental}: ${disk.fallbackReason}`);
+      assert.ok(disk.dirtyBytes !== null && disk.dirtyBytes > 0, 'the guest wrote, so the bitmap has dirty bytes');
+      // Each 64 KiB bitmap granule dirties at most one 1 MiB chunk: an upper bound of the dirty bytes rounded to chunks.
+      const roundedUpperBound = Math.min(disk.sizeBytes, (disk.dirtyBytes! / (64 * 1024)) * repository.chunkSizeBytes);
+      assert.ok(disk.readBytes <= 1.1 * roundedUpperBound, `read ${disk.readBytes} bytes for ${disk.dirtyBytes} dirty`);
+      assert.ok((await vm.heartbeats()).at(-1)!.writes > writesBefore);
+    }
+  });
 });
+
