@@ -43,7 +43,10 @@ export async function huntVmSnapshots(catalog: Catalog, options: { vmName?: stri
   for (const entry of catalog.listVmSnapshotLedger(options.vmName)) {
     const forced = options.includeEntries?.includes(entry.id) ?? false;
     if (!forced && ownerIsRunning(entry.ownerPid)) continue;
-    const entryActions = await recoverEntry(entry, options.dryRun ?? false);
+    // One VM that cannot be repaired (QEMU not answering, I/O errors) must not stop the hunt for the others.
+    const entryActions = await recoverEntry(entry, options.dryRun ?? false).catch((error: unknown): HuntAction[] =>
+      entry.overlays.map((overlay) => ({ vmName: entry.vmName, overlayPath: overlay.overlayPath, action: 'left-in-place', detail: messageOf(error) })),
+    );
     actions.push(...entryActions);
     if (!options.dryRun && entryActions.every((action) => action.action !== 'left-in-place')) catalog.clearLedgerEntry(entry.id);
   }
@@ -107,17 +110,21 @@ export async function huntOverlaysOnHosts(catalog: Catalog, options: { dryRun?: 
       continue;
     }
     try {
-      for (const node of await queryNamedBlockNodes(host.qmp)) {
+      for (const node of await queryNamedBlockNodes(host.qmp).catch(() => [])) {
         const tag = node['node-name'].match(/^snapshift-([0-9a-f]{8})-\d+$/)?.[1];
         if (!tag || liveTags.has(tag)) continue;
         const base = await backingChildOf(host.qmp, node['node-name']);
         if (!base) continue;
         const overlay = { baseNodeName: base, overlayNodeName: node['node-name'], overlayPath: node.file };
-        if (!options.dryRun) {
-          await removeLeftoverExports(host.qmp);
-          await commitOverlay(host.qmp, overlay);
+        try {
+          if (!options.dryRun) {
+            await removeLeftoverExports(host.qmp);
+            await commitOverlay(host.qmp, overlay);
+          }
+          actions.push({ vmName: record.name, overlayPath: node.file, action: 'committed-live', detail: `overlay ${node['node-name']} of a session that is no longer running` });
+        } catch (error) {
+          actions.push({ vmName: record.name, overlayPath: node.file, action: 'left-in-place', detail: `could not commit: ${messageOf(error)}` });
         }
-        actions.push({ vmName: record.name, overlayPath: node.file, action: 'committed-live', detail: `overlay ${node['node-name']} of a session that is no longer running` });
       }
     } finally {
       await host.close();

@@ -80,7 +80,8 @@ describe('jobs, sessions and statistics', () => {
       assert.equal(summary.tasks.success, 3);
       assert.equal(summary.storageSnapshots, 1, 'the three VMs share one storage snapshot');
       assert.ok(summary.processedBytes === 3 * 32 * MiB);
-      assert.ok(summary.readBytes > 0 && summary.readBytes <= summary.processedBytes);
+      assert.ok(summary.readBytes <= summary.processedBytes);
+      if (run === 0) assert.ok(summary.readBytes > 0, "the first run reads the data");
       assert.ok(summary.transferredBytes <= summary.readBytes, `transferred ${summary.transferredBytes} > read ${summary.readBytes}`);
       if (run === 0) assert.ok(summary.transferredBytes > 0 && summary.compressionRatio! > 1.5, 'text compresses');
       assert.ok(summary.durationMs > 0);
@@ -164,7 +165,7 @@ describe('jobs, sessions and statistics', () => {
     await makeVm('bn', folder, { dataBytes: 12 * MiB, random: true });
     const job = parseJobDefinition({ name: 'bottleneck', vms: ['bn'], repository: repoPath(), mode: 'regular' });
     const slowTarget = await runJob(job, { catalog, home: home(), password, maxWriteBytesPerSecond: 4 * 1e6 });
-    assert.equal(slowTarget.summary.bottleneck, 'target', JSON.stringify(slowTarget.summary.busyPercent));
+    assert.equal(slowTarget.summary.bottleneck, 'target', JSON.stringify(slowTarget.summary.busyPercent) + JSON.stringify(slowTarget.tasks.map((task) => task.reason)));
     // New data, so the target has work again; now the source is the slow one.
     await using nbd = await NbdClient.connect({ socketPath: daemons.get('bn')!.nbdSocketPath, exportName: 'disk0' });
     await nbd.write(2 * MiB, (await import('node:crypto')).randomBytes(12 * MiB));
