@@ -258,7 +258,15 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
         cbt: member.cbt.record,
         ...(useStorage ? { rbdCbt: member.rbdCbt.record } : {}),
       });
-      input.catalog.addRestorePoint({ id: restorePoint.id, vmName: member.record.name, repositoryPath: input.repository.path, createdAt: restorePoint.createdAt, mode, stats: { ...stats, failoverReason, storageKinds } });
+      input.catalog.addRestorePoint({
+        id: restorePoint.id,
+        vmName: member.record.name,
+        repositoryPath: input.repository.path,
+        createdAt: restorePoint.createdAt,
+        mode,
+        // The hunter keeps a retained CBT base only while a restore point here names it.
+        stats: { ...stats, failoverReason, storageKinds, ...(useStorage ? { retainedSnapshots: member.rbdCbt.retainedLocations } : {}) },
+      });
       outcomes.push({ vmName: member.record.name, result: { restorePoint, stats, recovered: [], failoverReason, storageKinds } });
       await member.cbt.finish(true);
       // Before the storage snapshot is removed: this run's RBD snapshot becomes the base of the next diff.

@@ -105,9 +105,12 @@ describe('incremental backups of Ceph RBD disks from rbd diff', () => {
     assert.equal(full.disk.cbtSource, 'none');
     assert.equal(full.disk.fallbackReason, null, 'a first backup has nothing to explain');
 
-    // The hunter leaves the retained base alone: it is not an orphan.
-    assert.deepEqual(await huntStorageSnapshots(catalog), []);
-    assert.ok((await snapshotNames()).includes(full.retained));
+    // The hunter leaves the retained base alone (a restore point refers to it), but removes one nothing refers to.
+    await ceph().rbd(['snap', 'create', `${image()}@snapshift-cbt-deadbeef`]);
+    const hunted = await huntStorageSnapshots(catalog);
+    assert.deepEqual(hunted.map((action) => [action.location, action.action]), [[`${image()}@snapshift-cbt-deadbeef`, 'removed']]);
+    assert.match(hunted[0]!.detail, /no restore point/);
+    assert.deepEqual((await snapshotNames()).filter((name) => name.startsWith('snapshift-')), [full.retained]);
 
     const incrementals = [
       [

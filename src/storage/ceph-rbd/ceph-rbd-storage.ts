@@ -57,7 +57,7 @@ export class CephRbdStorage implements StorageSystem {
 
   /** Removes a snapshot of ours by name: a session's (`snapshift-<tag>-<n>`) or a retained CBT base. */
   async removeSnapshotNamed(image: string, name: string): Promise<void> {
-    if (!snapshotTagOf(name) && !name.startsWith(retainedPrefix)) throw new SnapshiftError('STORAGE_SNAPSHOT_REMOVE_FAILED', `${image}@${name} is not a snapshot snapshift made; not removing it`);
+    if (!snapshotTagOf(name) && !retainedTagOf(name)) throw new SnapshiftError('STORAGE_SNAPSHOT_REMOVE_FAILED', `${image}@${name} is not a snapshot snapshift made; not removing it`);
     await this.#removeSnapshot(`${image}@${name}`);
   }
 
@@ -86,10 +86,21 @@ export class CephRbdStorage implements StorageSystem {
     return found;
   }
 
+  async listRetainedSnapshots(volumes: readonly Volume[]): Promise<StorageSnapshotInfo[]> {
+    const found: StorageSnapshotInfo[] = [];
+    for (const volume of volumes) {
+      for (const name of await this.snapshotNames(volume.id)) {
+        const tag = retainedTagOf(name);
+        if (tag) found.push({ kind: this.kind, location: `${volume.id}@${name}`, sessionTag: tag });
+      }
+    }
+    return found;
+  }
+
   async removeSnapshot(info: StorageSnapshotInfo): Promise<void> {
     const name = info.location.split('@')[1] ?? '';
     // The hunter's hand only ever removes what carries our name.
-    if (!snapshotTagOf(name)) throw new SnapshiftError('STORAGE_SNAPSHOT_REMOVE_FAILED', `${info.location} is not a snapshot snapshift made; not removing it`);
+    if (!snapshotTagOf(name) && !retainedTagOf(name)) throw new SnapshiftError('STORAGE_SNAPSHOT_REMOVE_FAILED', `${info.location} is not a snapshot snapshift made; not removing it`);
     await this.#removeSnapshot(info.location);
   }
 
@@ -172,6 +183,11 @@ function imageSpec(image: RbdImage): string {
  */
 function qemuRbdFilename(image: RbdImage, snapshot: string, confPath: string): string {
   return `json:${JSON.stringify({ driver: 'rbd', pool: image.pool, ...(image.namespace ? { namespace: image.namespace } : {}), image: image.image, snapshot, conf: confPath })}`;
+}
+
+/** `snapshift-cbt-<tag>` → tag. */
+function retainedTagOf(name: string): string | undefined {
+  return name.match(/^snapshift-cbt-([0-9a-f]{8})$/)?.[1];
 }
 
 /** `snapshift-<tag>-<n>` → tag; anything else is not ours. */

@@ -26,6 +26,8 @@ export interface VmRbdCbtPlan {
   /** Only the RBD disks: `changed` (rbd diff is trusted) or `full` with the reason it is not. */
   readonly readPlans: ReadonlyMap<string, DiskReadPlan>;
   readonly record: RbdCbtRecord;
+  /** `pool/image@snapshift-cbt-<tag>` of every RBD disk: what the catalog lists so the hunter keeps them. */
+  readonly retainedLocations: readonly string[];
   /**
    * After the restore point is written: the storage snapshot of this run becomes the retained base (renamed,
    * so it is not removed with the storage snapshot) and the previous retained snapshot(s) on the image go.
@@ -98,6 +100,7 @@ export async function planRbdChangedBlocks(input: PlanRbdCbtInput): Promise<VmRb
   return {
     readPlans,
     record,
+    retainedLocations: rbdDisks.map(({ image }) => `${image}@${retainedName}`),
     useStorageSnapshots(snapshots: readonly StorageSnapshot[]): void {
       taken = snapshots;
     },
