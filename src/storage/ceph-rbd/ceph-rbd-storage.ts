@@ -185,6 +185,11 @@ function qemuRbdFilename(image: RbdImage, snapshot: string, confPath: string): s
   return `json:${JSON.stringify({ driver: 'rbd', pool: image.pool, ...(image.namespace ? { namespace: image.namespace } : {}), image: image.image, snapshot, conf: confPath })}`;
 }
 
+/** Whether `name` is a retained CBT base of ours (`snapshift-cbt-<tag>`). */
+export function isRetainedSnapshotName(name: string): boolean {
+  return retainedTagOf(name) !== undefined;
+}
+
 /** `snapshift-cbt-<tag>` → tag. */
 function retainedTagOf(name: string): string | undefined {
   return name.match(/^snapshift-cbt-([0-9a-f]{8})$/)?.[1];

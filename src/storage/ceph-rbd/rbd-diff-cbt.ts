@@ -5,7 +5,7 @@ import type { Region } from '../../datamover/extent-map.ts';
 import type { VmDisk } from '../../hypervisor/hypervisor.ts';
 import type { RestorePointSummary } from '../../repository/index.ts';
 import type { StorageSnapshot } from '../storage-system.ts';
-import { CephRbdStorage, RbdStorageSnapshot, parseRbdImagePath, rbdImageSpec, retainedPrefix } from './ceph-rbd-storage.ts';
+import { CephRbdStorage, RbdStorageSnapshot, isRetainedSnapshotName, parseRbdImagePath, rbdImageSpec, retainedPrefix } from './ceph-rbd-storage.ts';
 
 /** What a restore point records per RBD disk: the retained snapshot that is the base of the next `rbd diff`. */
 export interface RbdCbtDiskRecord {
@@ -85,12 +85,12 @@ export async function planRbdChangedBlocks(input: PlanRbdCbtInput): Promise<VmRb
     if (recorded.image !== image) fallbackReason = `disk ${disk.name} now uses RBD image ${image}, not ${recorded.image}`;
     else if (recorded.virtualSizeBytes !== disk.virtualSizeBytes) fallbackReason = `disk ${disk.name} was resized from ${recorded.virtualSizeBytes} to ${disk.virtualSizeBytes} bytes`;
     else {
-      const snapshots = await system.snapshotNames(image).catch((error: unknown) => {
+      try {
+        if (!(await system.snapshotNames(image)).includes(recorded.snapshot)) {
+          fallbackReason = `retained RBD snapshot ${image}@${recorded.snapshot} of disk ${disk.name} is gone (removed by hand?)`;
+        }
+      } catch (error) {
         fallbackReason = `cannot list the RBD snapshots of ${image}: ${messageOf(error)}`;
-        return [] as string[];
-      });
-      if (!fallbackReason && !snapshots.includes(recorded.snapshot)) {
-        fallbackReason = `retained RBD snapshot ${image}@${recorded.snapshot} of disk ${disk.name} is gone (removed by hand?)`;
       }
     }
     if (!fallbackReason && input.full) fallbackReason = 'a full read was asked for (--full)';
@@ -113,7 +113,7 @@ export async function planRbdChangedBlocks(input: PlanRbdCbtInput): Promise<VmRb
           await holder.retain(disk.imagePath, retainedName);
           // Older retained snapshots can no longer be a base: only the latest restore point's is trusted.
           for (const name of await system.snapshotNames(image)) {
-            if (name.startsWith(retainedPrefix) && name !== retainedName) await system.removeSnapshotNamed(image, name);
+            if (isRetainedSnapshotName(name) && name !== retainedName) await system.removeSnapshotNamed(image, name);
           }
         } catch (error) {
           process.emitWarning(`snapshift: retained RBD snapshot of ${input.vmName} disk ${disk.name} not rotated: ${messageOf(error)}`);
