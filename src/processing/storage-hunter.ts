@@ -14,7 +14,8 @@ export interface StorageHuntAction {
 /**
  * Finds storage snapshots we created that belong to no running task and removes them: those named in ledger
  * rows whose owner is gone, and any `snapshift-<tag>-…` snapshot on a volume we back up from whose tag is no
- * live task's. Snapshots without our prefix (a user's own) are never listed, so never touched.
+ * live task's, and retained changed-block bases (`snapshift-cbt-<tag>`) no restore point in the catalog refers
+ * to. Snapshots without our prefix (a user's own) are never listed, so never touched.
  */
 export async function huntStorageSnapshots(catalog: Catalog, options: { dryRun?: boolean; systems?: readonly StorageSystem[] } = {}): Promise<StorageHuntAction[]> {
   const systems = options.systems ?? storageSystems();
@@ -48,12 +49,29 @@ export async function huntStorageSnapshots(catalog: Catalog, options: { dryRun?:
       actions.push({ kind: system.kind, location: [...volumes.keys()].join(', '), action: 'failed', detail: `cannot list snapshots: ${messageOf(error)}` });
       continue;
     }
+    // Retained CBT bases are kept while a restore point refers to them; one nothing refers to is dead weight.
+    const unreferencedBases = new Set<string>();
+    if (system.listRetainedSnapshots) {
+      try {
+        const referenced = retainedSnapshotReferences(catalog);
+        for (const snapshot of await system.listRetainedSnapshots([...volumes.values()])) {
+          if (referenced.has(snapshot.location)) continue;
+          own.push(snapshot);
+          unreferencedBases.add(snapshot.location);
+        }
+      } catch (error) {
+        actions.push({ kind: system.kind, location: [...volumes.keys()].join(', '), action: 'failed', detail: `cannot list retained snapshots: ${messageOf(error)}` });
+      }
+    }
     for (const snapshot of own) {
       if (liveTags.has(snapshot.sessionTag) || removed.has(snapshot.location)) continue;
       try {
         if (!options.dryRun) await system.removeSnapshot(snapshot);
         removed.add(snapshot.location);
-        actions.push({ kind: system.kind, location: snapshot.location, action: 'removed', detail: `left by session ${snapshot.sessionTag}, which is no longer running` });
+        const detail = unreferencedBases.has(snapshot.location)
+          ? `changed-block base kept by session ${snapshot.sessionTag}, which no restore point in the catalog refers to`
+          : `left by session ${snapshot.sessionTag}, which is no longer running`;
+        actions.push({ kind: system.kind, location: snapshot.location, action: 'removed', detail });
       } catch (error) {
         actions.push({ kind: system.kind, location: snapshot.location, action: 'failed', detail: messageOf(error) });
       }
@@ -65,4 +83,14 @@ export async function huntStorageSnapshots(catalog: Catalog, options: { dryRun?:
     }
   }
   return actions;
+}
+
+/** Every retained storage snapshot a restore point in the catalog names (`stats.retainedSnapshots`). */
+function retainedSnapshotReferences(catalog: Catalog): Set<string> {
+  const referenced = new Set<string>();
+  for (const point of catalog.listRestorePoints()) {
+    const locations = point.stats['retainedSnapshots'];
+    if (Array.isArray(locations)) for (const location of locations) if (typeof location === 'string') referenced.add(location);
+  }
+  return referenced;
 }

@@ -8,6 +8,8 @@ import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
 import type { BackupWriter, Repository } from '../repository/index.ts';
 import { locateImage, storageSystems, type LocatedImage } from '../storage/registry.ts';
 import type { StorageSnapshot, StorageSystem, Volume } from '../storage/storage-system.ts';
+import { CephRbdStorage } from '../storage/ceph-rbd/ceph-rbd-storage.ts';
+import { planRbdChangedBlocks, type VmRbdCbtPlan } from '../storage/ceph-rbd/rbd-diff-cbt.ts';
 import { planChangedBlocks, type VmCbtPlan } from './changed-block-tracking.ts';
 import type { BackupTaskResult, TaskProgress } from './regular-mode.ts';
 import { summarizeTask } from './task-stats.ts';
@@ -45,6 +47,8 @@ interface GroupMember {
   writer: BackupWriter;
   quiescePlan: QuiescePlan;
   cbt: VmCbtPlan;
+  /** rbd diff for RBD disks: preferred over the bitmap where both apply (docs/CBT.md). */
+  rbdCbt: VmRbdCbtPlan;
   vmSnapshot?: VmSnapshot;
   vmSnapshotStats?: VmSnapshotStats;
   error?: Error;
@@ -87,6 +91,17 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
         exportWithBitmap: (disk, index, bitmap) =>
           host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-bitmap-${index}`, socketPath: join(input.runDir, `nbd-${socketSafe(record.name)}.sock`), bitmaps: [bitmap] }),
       });
+      const rbdCbt = await planRbdChangedBlocks({
+        vmName: record.name,
+        disks,
+        latest: (await input.repository.listRestorePoints(record.name)).find((point) => point.id === cbt.baseRestorePointId),
+        tag,
+        full: input.full,
+        systemFor: (disk) => {
+          const system = located[disks.indexOf(disk)]?.system;
+          return system instanceof CephRbdStorage ? system : undefined;
+        },
+      });
       const writer = await input.repository.startBackup({ vmName: record.name, baseRestorePointId: cbt.baseRestorePointId });
       cleanup.defer(`abort unfinished restore point of ${record.name}`, async () => {
         if (!outcomes.some((outcome) => outcome.vmName === record.name && outcome.result)) {
@@ -95,7 +110,7 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
         }
       });
       const quiescePlan = cleanup.use(`guest agent of ${record.name}`, await planQuiesce(record, input.quiesce ?? false));
-      members.push({ record, host, disks, located, writer, cbt, quiescePlan });
+      members.push({ record, host, disks, located, writer, cbt, rbdCbt, quiescePlan });
     } catch (error) {
       outcomes.push({ vmName: record.name, error: error as Error });
     }
@@ -191,8 +206,11 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
         maxReadBytesPerSecond: input.maxReadBytesPerSecond,
         signal: input.signal,
         onProgress: (processedBytes: number) => input.onProgress?.({ vmName: member.record.name, phase: 'copy', processedBytes, totalBytes }),
-        readPlans: member.cbt.readPlans,
+        // Read from the storage snapshot, an RBD disk's changes come from rbd diff; on failover there is no new
+        // RBD snapshot to diff against, so the bitmap plan stands.
+        readPlans: useStorage ? new Map([...member.cbt.readPlans, ...member.rbdCbt.readPlans]) : member.cbt.readPlans,
       };
+      if (useStorage) member.rbdCbt.useStorageSnapshots(storageSnapshots);
       let copies: VmDiskCopy[];
       if (useStorage) {
         copies = await copyVmDisks(
@@ -238,10 +256,21 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
         disks: member.disks.map((disk) => ({ name: disk.name, format: disk.format, imagePath: disk.imagePath, virtualSizeBytes: disk.virtualSizeBytes })),
         stats,
         cbt: member.cbt.record,
+        ...(useStorage ? { rbdCbt: member.rbdCbt.record } : {}),
       });
-      input.catalog.addRestorePoint({ id: restorePoint.id, vmName: member.record.name, repositoryPath: input.repository.path, createdAt: restorePoint.createdAt, mode, stats: { ...stats, failoverReason, storageKinds } });
+      input.catalog.addRestorePoint({
+        id: restorePoint.id,
+        vmName: member.record.name,
+        repositoryPath: input.repository.path,
+        createdAt: restorePoint.createdAt,
+        mode,
+        // The hunter keeps a retained CBT base only while a restore point here names it.
+        stats: { ...stats, failoverReason, storageKinds, ...(useStorage ? { retainedSnapshots: member.rbdCbt.retainedLocations } : {}) },
+      });
       outcomes.push({ vmName: member.record.name, result: { restorePoint, stats, recovered: [], failoverReason, storageKinds } });
       await member.cbt.finish(true);
+      // Before the storage snapshot is removed: this run's RBD snapshot becomes the base of the next diff.
+      if (useStorage) await member.rbdCbt.retain(storageSnapshots);
     } catch (error) {
       outcomes.push({ vmName: member.record.name, error: error as Error });
     }

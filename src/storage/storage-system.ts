@@ -33,6 +33,11 @@ export interface StorageSystem {
   snapshot(volumes: readonly Volume[], sessionTag: string, images: readonly string[]): Promise<StorageSnapshot>;
   /** Snapshots this system holds that we created, on the volumes given (the hunter's view). */
   listOwnSnapshots(volumes: readonly Volume[]): Promise<StorageSnapshotInfo[]>;
+  /**
+   * Snapshots we keep on purpose beyond a session, as bases of changed-block tracking (`snapshift-cbt-<tag>`
+   * on RBD). Not orphans: the hunter removes one only when no restore point in the catalog refers to it.
+   */
+  listRetainedSnapshots?(volumes: readonly Volume[]): Promise<StorageSnapshotInfo[]>;
   /** Removes one of our snapshots (the hunter's hand). */
   removeSnapshot(info: StorageSnapshotInfo): Promise<void>;
 }

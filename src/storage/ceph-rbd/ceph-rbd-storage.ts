@@ -9,7 +9,7 @@ export interface CephRbdStorageOptions {
 }
 
 /** An RBD image as `rbd` names it: `pool/image` or `pool/namespace/image`. */
-interface RbdImage {
+export interface RbdImage {
   pool: string;
   namespace?: string;
   image: string;
@@ -46,27 +46,52 @@ export class CephRbdStorage implements StorageSystem {
       await Promise.allSettled(created.map((item) => this.#removeSnapshot(`${item.volume}@${item.snapshotName}`)));
       throw error;
     }
-    return new OwnedStorageSnapshot(
-      created.map((item) => ({ kind: this.kind, location: `${item.volume}@${item.snapshotName}`, sessionTag })),
-      (imagePath) => {
-        const image = parseRbdImagePath(imagePath);
-        const holder = image && created.find((item) => item.volume === imageSpec(image));
-        if (!image || !holder) throw new SnapshiftError('STORAGE_IMAGE_NOT_IN_SNAPSHOT', `${imagePath} is not a snapshotted RBD image`);
-        return qemuRbdFilename(image, holder.snapshotName, this.confPath);
-      },
-      async () => {
-        for (const item of created) await this.#removeSnapshot(`${item.volume}@${item.snapshotName}`);
-      },
-    );
+    return new RbdStorageSnapshot(this, created, sessionTag);
   }
 
+  /** Names of every snapshot of `image` (`pool/image`), ours or not. */
+  async snapshotNames(image: string): Promise<string[]> {
+    const { stdout } = await this.#rbd(['snap', 'ls', '--format', 'json', image], 'STORAGE_SNAPSHOT_LIST_FAILED');
+    return (JSON.parse(stdout) as Array<{ name: string }>).map((snapshot) => snapshot.name);
+  }
+
+  /** Removes a snapshot of ours by name: a session's (`snapshift-<tag>-<n>`) or a retained CBT base. */
+  async removeSnapshotNamed(image: string, name: string): Promise<void> {
+    if (!snapshotTagOf(name) && !retainedTagOf(name)) throw new SnapshiftError('STORAGE_SNAPSHOT_REMOVE_FAILED', `${image}@${name} is not a snapshot snapshift made; not removing it`);
+    await this.#removeSnapshot(`${image}@${name}`);
+  }
+
+  /** @internal for RbdStorageSnapshot */
+  async renameSnapshot(image: string, from: string, to: string): Promise<void> {
+    await this.#rbd(['snap', 'rename', `${image}@${from}`, `${image}@${to}`], 'STORAGE_SNAPSHOT_RETAIN_FAILED');
+  }
+
+  /** @internal for RbdStorageSnapshot */
+  async removeSnapshotAt(location: string): Promise<void> {
+    await this.#removeSnapshot(location);
+  }
+
+  /**
+   * Session snapshots only: a retained CBT base (`snapshift-cbt-<tag>`) is not an orphan but the base of the
+   * next `rbd diff`, so the hunter never sees it.
+   */
   async listOwnSnapshots(volumes: readonly Volume[]): Promise<StorageSnapshotInfo[]> {
     const found: StorageSnapshotInfo[] = [];
     for (const volume of volumes) {
-      const { stdout } = await this.#rbd(['snap', 'ls', '--format', 'json', volume.id], 'STORAGE_SNAPSHOT_LIST_FAILED');
-      for (const snapshot of JSON.parse(stdout) as Array<{ name: string }>) {
-        const tag = snapshotTagOf(snapshot.name);
-        if (tag) found.push({ kind: this.kind, location: `${volume.id}@${snapshot.name}`, sessionTag: tag });
+      for (const name of await this.snapshotNames(volume.id)) {
+        const tag = snapshotTagOf(name);
+        if (tag) found.push({ kind: this.kind, location: `${volume.id}@${name}`, sessionTag: tag });
+      }
+    }
+    return found;
+  }
+
+  async listRetainedSnapshots(volumes: readonly Volume[]): Promise<StorageSnapshotInfo[]> {
+    const found: StorageSnapshotInfo[] = [];
+    for (const volume of volumes) {
+      for (const name of await this.snapshotNames(volume.id)) {
+        const tag = retainedTagOf(name);
+        if (tag) found.push({ kind: this.kind, location: `${volume.id}@${name}`, sessionTag: tag });
       }
     }
     return found;
@@ -75,7 +100,7 @@ export class CephRbdStorage implements StorageSystem {
   async removeSnapshot(info: StorageSnapshotInfo): Promise<void> {
     const name = info.location.split('@')[1] ?? '';
     // The hunter's hand only ever removes what carries our name.
-    if (!snapshotTagOf(name)) throw new SnapshiftError('STORAGE_SNAPSHOT_REMOVE_FAILED', `${info.location} is not a snapshot snapshift made; not removing it`);
+    if (!snapshotTagOf(name) && !retainedTagOf(name)) throw new SnapshiftError('STORAGE_SNAPSHOT_REMOVE_FAILED', `${info.location} is not a snapshot snapshift made; not removing it`);
     await this.#removeSnapshot(info.location);
   }
 
@@ -95,6 +120,59 @@ export function parseRbdImagePath(imagePath: string): RbdImage | undefined {
   return { pool: match[1]!, ...(match[2] ? { namespace: match[2] } : {}), image: match[3]! };
 }
 
+/**
+ * One session's RBD snapshots. `retain` renames one to a CBT base name (rbd diff, docs/CBT.md): it then
+ * outlives the session and is not removed with the rest.
+ */
+export class RbdStorageSnapshot extends OwnedStorageSnapshot {
+  readonly #retained = new Set<string>();
+
+  constructor(
+    private readonly system: CephRbdStorage,
+    private readonly created: ReadonlyArray<{ volume: string; snapshotName: string }>,
+    sessionTag: string,
+  ) {
+    super(
+      created.map((item) => ({ kind: system.kind, location: `${item.volume}@${item.snapshotName}`, sessionTag })),
+      (imagePath) => {
+        const image = parseRbdImagePath(imagePath);
+        const holder = image && created.find((item) => item.volume === imageSpec(image));
+        if (!image || !holder) throw new SnapshiftError('STORAGE_IMAGE_NOT_IN_SNAPSHOT', `${imagePath} is not a snapshotted RBD image`);
+        return qemuRbdFilename(image, holder.snapshotName, system.confPath);
+      },
+      async () => {
+        for (const item of created) if (!this.#retained.has(item.volume)) await system.removeSnapshotAt(`${item.volume}@${item.snapshotName}`);
+      },
+    );
+  }
+
+  holds(imagePath: string): boolean {
+    return this.snapshotNameOf(imagePath) !== undefined;
+  }
+
+  /** This session's snapshot name for the image of `imagePath`. */
+  snapshotNameOf(imagePath: string): string | undefined {
+    const image = parseRbdImagePath(imagePath);
+    return image && this.created.find((item) => item.volume === imageSpec(image))?.snapshotName;
+  }
+
+  /** Keeps the snapshot of `imagePath`'s image under `name` instead of removing it with the session's. */
+  async retain(imagePath: string, name: string): Promise<void> {
+    const image = parseRbdImagePath(imagePath);
+    const item = image && this.created.find((candidate) => candidate.volume === imageSpec(image));
+    if (!item || this.#retained.has(item.volume)) return;
+    await this.system.renameSnapshot(item.volume, item.snapshotName, name);
+    this.#retained.add(item.volume);
+  }
+}
+
+/** Retained RBD snapshots, each the base of the next `rbd diff` of its image: `snapshift-cbt-<session tag>`. */
+export const retainedPrefix = `${snapshotPrefix}cbt-`;
+
+export function rbdImageSpec(image: RbdImage): string {
+  return imageSpec(image);
+}
+
 function imageSpec(image: RbdImage): string {
   return image.namespace ? `${image.pool}/${image.namespace}/${image.image}` : `${image.pool}/${image.image}`;
 }
@@ -105,6 +183,16 @@ function imageSpec(image: RbdImage): string {
  */
 function qemuRbdFilename(image: RbdImage, snapshot: string, confPath: string): string {
   return `json:${JSON.stringify({ driver: 'rbd', pool: image.pool, ...(image.namespace ? { namespace: image.namespace } : {}), image: image.image, snapshot, conf: confPath })}`;
+}
+
+/** Whether `name` is a retained CBT base of ours (`snapshift-cbt-<tag>`). */
+export function isRetainedSnapshotName(name: string): boolean {
+  return retainedTagOf(name) !== undefined;
+}
+
+/** `snapshift-cbt-<tag>` → tag. */
+function retainedTagOf(name: string): string | undefined {
+  return name.match(/^snapshift-cbt-([0-9a-f]{8})$/)?.[1];
 }
 
 /** `snapshift-<tag>-<n>` → tag; anything else is not ours. */
