@@ -69,6 +69,8 @@ export async function demoBackup(input: DemoBackupInput): Promise<DemoBackup> {
       catalog: input.catalog,
       runDir: input.runDir,
       failoverToRegular: false,
+      // Both modes read the whole disk, so their times compare (an incremental would read far less).
+      full: true,
       onProgress: (progress) => bar.update(progress.processedBytes, progress.totalBytes, progress.phase),
       hooks: {
         afterVmSnapshots: async () => {
