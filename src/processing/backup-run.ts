@@ -89,9 +89,19 @@ export async function runBackup(input: BackupRunInput): Promise<BackupRunResult>
         outcomes.push(...group.map((host) => ({ vmName: host.name, error: new Error('stopped before it started') })));
         return;
       }
-      const groupOutcomes = await backupGroupFromStorageSnapshots({ ...input, hosts: group, sessionId, failoverToRegular: failover, systems });
-      if (groupOutcomes.some((outcome) => outcome.result?.stats.mode === 'storage-snapshot')) storageSnapshotCount++;
-      outcomes.push(...groupOutcomes);
+      // Each group names its snapshots with its own tag: groups that run at once on one file system (or one
+      // volume split by the per-snapshot limit) would otherwise both want `snapshift-<tag>-0`.
+      const groupSessionId = groups.length === 1 ? sessionId : randomUUID();
+      try {
+        const groupOutcomes = await backupGroupFromStorageSnapshots({ ...input, hosts: group, sessionId: groupSessionId, failoverToRegular: failover, systems });
+        if (groupOutcomes.some((outcome) => outcome.result?.stats.mode === 'storage-snapshot')) storageSnapshotCount++;
+        outcomes.push(...groupOutcomes);
+      } catch (error) {
+        // Undoing a snapshot failed (e.g. the QMP connection broke during the commit): retry the way the
+        // hunter would, on fresh connections, so no guest is left on an overlay and no storage snapshot stays.
+        outcomes.push(...group.map((host) => ({ vmName: host.name, error: error as Error })));
+        await recoverSession(input.catalog, groupSessionId, group.map((host) => host.name), systems);
+      }
     }),
   ];
   await forEachConcurrently(units, parallel, (unit) => unit());
@@ -138,4 +148,11 @@ async function forEachConcurrently<T>(items: readonly T[], limit: number, work: 
     while (next < items.length) await work(items[next++]!);
   });
   await Promise.all(lanes);
+}
+
+/** Removes what this session left for the given VMs after its own undo failed. Never throws. */
+async function recoverSession(catalog: Catalog, sessionId: string, vmNames: readonly string[], systems: readonly StorageSystem[]): Promise<void> {
+  const entries = catalog.listVmSnapshotLedger().filter((entry) => entry.sessionId === sessionId && vmNames.includes(entry.vmName));
+  if (entries.length > 0) await huntVmSnapshots(catalog, { includeEntries: entries.map((entry) => entry.id) }).catch(() => undefined);
+  await huntStorageSnapshots(catalog, { systems, forceSessionTags: [sessionId.slice(0, 8)] }).catch(() => undefined);
 }

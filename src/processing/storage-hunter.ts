@@ -17,11 +17,16 @@ export interface StorageHuntAction {
  * live task's, and retained changed-block bases (`snapshift-cbt-<tag>`) no restore point in the catalog refers
  * to. Snapshots without our prefix (a user's own) are never listed, so never touched.
  */
-export async function huntStorageSnapshots(catalog: Catalog, options: { dryRun?: boolean; systems?: readonly StorageSystem[] } = {}): Promise<StorageHuntAction[]> {
+export async function huntStorageSnapshots(
+  catalog: Catalog,
+  options: { dryRun?: boolean; systems?: readonly StorageSystem[]; /** Sessions of this process whose task failed: their snapshots go too. */ forceSessionTags?: readonly string[] } = {},
+): Promise<StorageHuntAction[]> {
   const systems = options.systems ?? storageSystems();
   const ledger = catalog.listStorageSnapshotLedger();
   const liveTags = new Set(ledger.filter((entry) => ownerIsRunning(entry.ownerPid)).map((entry) => entry.sessionTag));
   for (const entry of catalog.listVmSnapshotLedger()) if (ownerIsRunning(entry.ownerPid)) liveTags.add(entry.sessionId.slice(0, 8));
+  for (const tag of options.forceSessionTags ?? []) liveTags.delete(tag);
+  const isOrphan = (entry: { ownerPid: number; sessionTag: string }) => !ownerIsRunning(entry.ownerPid) || (options.forceSessionTags ?? []).includes(entry.sessionTag);
 
   // Volumes to look at: those in the ledger and those holding any disk we have backed up.
   const volumesBySystem = new Map<StorageSystem, Map<string, Volume>>();
@@ -79,7 +84,7 @@ export async function huntStorageSnapshots(catalog: Catalog, options: { dryRun?:
   }
   if (!options.dryRun) {
     for (const entry of ledger) {
-      if (!ownerIsRunning(entry.ownerPid) && !actions.some((action) => action.action === 'failed')) catalog.clearLedgerEntry(entry.id);
+      if (isOrphan(entry) && !actions.some((action) => action.action === 'failed')) catalog.clearLedgerEntry(entry.id);
     }
   }
   return actions;

@@ -121,8 +121,11 @@ describe('backup from storage snapshots (btrfs, XFS), guest-less', () => {
       assert.equal(outcome.error, undefined, outcome.error?.message);
       assert.equal(outcome.result!.stats.mode, 'storage-snapshot');
     }
-    const limited = await backup(['g1', 'g2', 'g3'], { vmsPerStorageSnapshot: 2 });
+    // Two groups on one volume, running at once: each snapshot needs its own name.
+    const limited = await backup(['g1', 'g2', 'g3'], { vmsPerStorageSnapshot: 2, parallel: 2 });
     assert.equal(limited.storageSnapshotCount, 2, 'at most 2 VMs per storage snapshot');
+    for (const outcome of limited.outcomes) assert.equal(outcome.error, undefined, outcome.error?.message);
+    assert.deepEqual(await ownSnapshotsOn(store.mountPoint), []);
   });
 
   test('failover: a disk on ext4 falls back to regular mode with the reason; with failover off the VM is untouched', async () => {
