@@ -67,3 +67,21 @@ test('the daemon runs a due job on schedule, never twice at once, and a second d
   // Each run reads 4 MiB at 1 MB/s, longer than the 3 s period: the scheduler must have skipped fire times.
   assert.match(log, /job frequent is due but its previous run has not ended: skipped/);
 });
+
+test('sessions and jobs read back through the CLI; a bad job definition is a usage error', async () => {
+  const env = { ...process.env, SNAPSHIFT_HOME: join(workspace.dir, 'home') };
+  const list = await runCli(['session', 'list', '--json'], env);
+  assert.equal(list.status, 0);
+  const sessions = JSON.parse(list.stdout) as Array<{ id: string; jobName: string; state: string }>;
+  assert.ok(sessions.length >= 1 && sessions.every((session) => session.jobName === 'frequent'));
+  const show = await runCli(['session', 'show', sessions.at(-1)!.id.slice(0, 8)], env);
+  assert.equal(show.status, 0, show.stderr);
+  assert.match(show.stdout, /sched-vm: (Success|Stopped)/);
+  const job = JSON.parse((await runCli(['job', 'show', 'frequent', '--json'], env)).stdout) as { vms: string[]; mode: string; maxReadRateMBps: number };
+  assert.deepEqual([job.vms, job.mode, job.maxReadRateMBps], [['sched-vm'], 'regular', 1]);
+  const bad = await runCli(['job', 'create', 'broken', '--vm', 'x', '--repo', '/nowhere', '--mode', 'sideways'], env);
+  assert.equal(bad.status, 64);
+  assert.equal(bad.stderr, 'snapshift: invalid job: job broken: mode must be storage-snapshot or regular, not "sideways"\n');
+  const unknown = await runCli(['session', 'show', 'ffffffff'], env);
+  assert.equal(unknown.status, 2);
+});
