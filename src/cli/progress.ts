@@ -10,7 +10,7 @@ export class ProgressBar {
   #started = false;
   readonly #startedAt = performance.now();
 
-  constructor(enabled: boolean, private readonly label: string) {
+  constructor(enabled: boolean, label: string) {
     if (!enabled || !process.stderr.isTTY) return;
     this.#bar = new cliProgress.SingleBar(
       {

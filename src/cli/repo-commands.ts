@@ -3,11 +3,10 @@ import { SnapshiftError } from '../core/errors.ts';
 import { resolvePassword } from './password.ts';
 import { openRepositoryAt } from './repository-access.ts';
 import {
-  addKey, applyRetention, checkRepository, collectGarbage, forgetRestorePoints, initRepository, listKeys, openRepository,
+  addKey, applyRetention, checkRepository, collectGarbage, forgetRestorePoints, initRepository, listKeys,
   removeKey, repositoryInfo, type Repository, type RetentionPolicy,
 } from '../repository/index.ts';
-import { readFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { resolve } from 'node:path';
 
 interface RepoOptions {
   repo?: string;

@@ -11,7 +11,7 @@ import type { StorageSnapshot, StorageSystem, Volume } from '../storage/storage-
 import { CephRbdStorage } from '../storage/ceph-rbd/ceph-rbd-storage.ts';
 import { planRbdChangedBlocks, type VmRbdCbtPlan } from '../storage/ceph-rbd/rbd-diff-cbt.ts';
 import { planChangedBlocks, type VmCbtPlan } from './changed-block-tracking.ts';
-import type { BackupTaskResult, TaskProgress } from './regular-mode.ts';
+import type { BackupTaskResult } from './regular-mode.ts';
 import { summarizeTask } from './task-stats.ts';
 import { copyVmDisks, socketSafe, type VmDiskCopy } from './vm-copy.ts';
 import { planQuiesce, type QuiescePlan } from './quiesce.ts';

@@ -88,10 +88,6 @@ describe('incremental backups from QEMU dirty bitmaps, guest-less', () => {
     vm.written.set(disk, regions);
   }
 
-  async function read(vm: TestVm, disk: string, offset: number, length: number): Promise<Buffer> {
-    await using nbd = await NbdClient.connect({ socketPath: vm.daemon.nbdSocketPath, exportName: disk });
-    return nbd.read(offset, length);
-  }
 
   /**
    * Backs the VM up and returns the outcome with the md5 of each disk at the VM snapshot's instant (the

@@ -11,7 +11,7 @@ import { exec } from '../../src/core/exec.ts';
 import { NbdClient } from '../../src/datamover/nbd/index.ts';
 import { StorageDaemon } from '../../src/lab/storage-daemon.ts';
 import { runBackup } from '../../src/processing/backup-run.ts';
-import { checkRepository, initRepository, openRepository, type Repository } from '../../src/repository/index.ts';
+import { checkRepository, initRepository, openRepository } from '../../src/repository/index.ts';
 import { restoreDisk } from '../../src/restore/disk-restore.ts';
 import { makeWorkspace, md5File, md5OfImage, runCli } from '../support/workspace.ts';
 import { guestWrite, snapshiftNodesOf } from '../support/guest-io.ts';
