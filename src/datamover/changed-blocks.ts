@@ -24,3 +24,18 @@ export interface DiskCbtStats {
   /** Why the disk was read in full although a previous restore point exists. */
   fallbackReason: string | null;
 }
+
+/**
+ * The per-disk record a CBT source keeps in a restore point's manifest (`extra[key].disks[name]`), with only
+ * the entries `parse` accepts: a manifest is read from disk, so its shape is checked, never trusted.
+ */
+export function perDiskRecordOf<T>(extra: Record<string, unknown>, key: string, parse: (entry: Record<string, unknown>) => T | undefined): { disks: Record<string, T> } | undefined {
+  const value = extra[key] as { disks?: unknown } | undefined;
+  if (!value || typeof value !== 'object' || !value.disks || typeof value.disks !== 'object') return undefined;
+  const disks: Record<string, T> = {};
+  for (const [name, entry] of Object.entries(value.disks as Record<string, unknown>)) {
+    const parsed = entry && typeof entry === 'object' ? parse(entry as Record<string, unknown>) : undefined;
+    if (parsed !== undefined) disks[name] = parsed;
+  }
+  return { disks };
+}

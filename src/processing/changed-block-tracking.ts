@@ -1,5 +1,5 @@
 import { messageOf } from '../core/errors.ts';
-import type { ChangedBlockSource, DiskReadPlan } from '../datamover/changed-blocks.ts';
+import { perDiskRecordOf, type ChangedBlockSource, type DiskReadPlan } from '../datamover/changed-blocks.ts';
 import type { Region } from '../datamover/extent-map.ts';
 import { NbdDiskSource } from '../datamover/nbd-disk-source.ts';
 import type { DiskExport, VmDisk } from '../hypervisor/hypervisor.ts';
@@ -134,16 +134,9 @@ export async function planChangedBlocks(input: PlanCbtInput): Promise<VmCbtPlan>
 
 /** The CBT record of a restore point, if it has a well-formed one. */
 export function cbtRecordOf(restorePoint: RestorePointSummary): CbtRecord | undefined {
-  const value = restorePoint.extra.cbt as { disks?: unknown } | undefined;
-  if (!value || typeof value !== 'object' || !value.disks || typeof value.disks !== 'object') return undefined;
-  const disks: Record<string, CbtDiskRecord> = {};
-  for (const [name, entry] of Object.entries(value.disks as Record<string, unknown>)) {
-    const disk = entry as Partial<CbtDiskRecord>;
-    if (typeof disk.bitmap === 'string' && typeof disk.virtualSizeBytes === 'number' && typeof disk.imagePath === 'string') {
-      disks[name] = { bitmap: disk.bitmap, virtualSizeBytes: disk.virtualSizeBytes, imagePath: disk.imagePath };
-    }
-  }
-  return { disks };
+  return perDiskRecordOf(restorePoint.extra, 'cbt', ({ bitmap, virtualSizeBytes, imagePath }) =>
+    typeof bitmap === 'string' && typeof virtualSizeBytes === 'number' && typeof imagePath === 'string' ? { bitmap, virtualSizeBytes, imagePath } : undefined,
+  );
 }
 
 /**

@@ -1,6 +1,6 @@
 import { SnapshiftError, messageOf } from '../../core/errors.ts';
 import { exec } from '../../core/exec.ts';
-import type { ChangedBlockSource, DiskReadPlan } from '../../datamover/changed-blocks.ts';
+import { perDiskRecordOf, type ChangedBlockSource, type DiskReadPlan } from '../../datamover/changed-blocks.ts';
 import type { Region } from '../../datamover/extent-map.ts';
 import type { VmDisk } from '../../hypervisor/hypervisor.ts';
 import type { RestorePointSummary } from '../../repository/index.ts';
@@ -125,16 +125,9 @@ export async function planRbdChangedBlocks(input: PlanRbdCbtInput): Promise<VmRb
 
 /** The rbd-diff record of a restore point, if it has a well-formed one. */
 export function rbdCbtRecordOf(restorePoint: RestorePointSummary): RbdCbtRecord | undefined {
-  const value = restorePoint.extra.rbdCbt as { disks?: unknown } | undefined;
-  if (!value || typeof value !== 'object' || !value.disks || typeof value.disks !== 'object') return undefined;
-  const disks: Record<string, RbdCbtDiskRecord> = {};
-  for (const [name, entry] of Object.entries(value.disks as Record<string, unknown>)) {
-    const disk = entry as Partial<RbdCbtDiskRecord>;
-    if (typeof disk.image === 'string' && typeof disk.snapshot === 'string' && typeof disk.virtualSizeBytes === 'number') {
-      disks[name] = { image: disk.image, snapshot: disk.snapshot, virtualSizeBytes: disk.virtualSizeBytes };
-    }
-  }
-  return { disks };
+  return perDiskRecordOf(restorePoint.extra, 'rbdCbt', ({ image, snapshot, virtualSizeBytes }) =>
+    typeof image === 'string' && typeof snapshot === 'string' && typeof virtualSizeBytes === 'number' ? { image, snapshot, virtualSizeBytes } : undefined,
+  );
 }
 
 /**
