@@ -1,9 +1,10 @@
-import { rm, stat } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import { SnapshiftError } from '../core/errors.ts';
 import { start } from '../core/exec.ts';
 import type { DiskExport } from '../hypervisor/hypervisor.ts';
+import { isSocket } from '../core/fs-probe.ts';
 
 export interface ImageExportOptions {
   /** A file path, or `json:{…}` protocol options as QEMU names nodes (e.g. an RBD snapshot: driver rbd, pool, image, snapshot, conf). */
@@ -67,7 +68,7 @@ async function waitForSocket(socketPath: string, daemon: ChildProcess, timeoutMs
     if (daemon.exitCode !== null) {
       throw new SnapshiftError('IMAGE_EXPORT_FAILED', `qemu-storage-daemon could not serve the image: ${stderr().trim().split('\n').at(-1) ?? `exit ${daemon.exitCode}`}`);
     }
-    if ((await stat(socketPath).catch(() => undefined))?.isSocket()) return;
+    if (await isSocket(socketPath)) return;
     await new Promise((resolve) => setTimeout(resolve, 10));
   }
   throw new SnapshiftError('IMAGE_EXPORT_FAILED', `qemu-storage-daemon did not open ${socketPath} within ${timeoutMs} ms`);

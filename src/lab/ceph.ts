@@ -9,6 +9,7 @@ import { Lab } from './lab.ts';
 import { LabLayout, defaultLabDir } from './lab-layout.ts';
 import { emptyLabState, readLabState, withStateLock, writeLabState, type ProcessRecord } from './lab-state.ts';
 import { endOwnedProcess, isOwnedProcessAlive, sleep } from './owned-process.ts';
+import { pathExists } from '../core/fs-probe.ts';
 
 export interface CephUpOptions {
   /** Lab folder; Ceph lives in `<lab>/ceph/`. Default ./.snapshift-lab. */
@@ -74,7 +75,7 @@ export class LabCeph {
     const ceph = new LabCeph(labDir);
     const status = await LabCeph.status(labDir);
     if (status.up) return ceph;
-    if (status.processes.length > 0 || (await exists(ceph.dir))) {
+    if (status.processes.length > 0 || (await pathExists(ceph.dir))) {
       throw new SnapshiftError('LAB_BROKEN', `Ceph in ${ceph.dir} is half up; run "snapshift lab ceph down --dir ${ceph.labDir}" first`);
     }
     const lab = await openOrCreateLab(ceph.labDir);
@@ -102,7 +103,7 @@ export class LabCeph {
     const state = await readLabState(new LabLayout(labDir).stateFile);
     const records = (state?.processes ?? []).filter((p) => p.label.startsWith(processLabelPrefix));
     const processes = await Promise.all(records.map(async (p) => ({ ...p, running: await isOwnedProcessAlive(p) })));
-    const up = processes.length === 3 && processes.every((p) => p.running) && (await exists(ceph.confPath));
+    const up = processes.length === 3 && processes.every((p) => p.running) && (await pathExists(ceph.confPath));
     return { labDir: ceph.labDir, up, confPath: ceph.confPath, pool: ceph.pool, processes };
   }
 
@@ -124,7 +125,7 @@ export class LabCeph {
       }
     }
     const dir = cephDirOf(layout.dir);
-    if (await exists(dir)) report.wasUp = true;
+    if (await pathExists(dir)) report.wasUp = true;
     await fs.rm(dir, { recursive: true, force: true });
     const remaining = await readLabState(layout.stateFile);
     if (remaining && remaining.datastores.length === 0 && remaining.vms.length === 0 && remaining.processes.length === 0) await Lab.down(layout.dir);
@@ -286,11 +287,4 @@ async function freePort(): Promise<number> {
       server.close(() => resolve(port));
     });
   });
-}
-
-async function exists(file: string): Promise<boolean> {
-  return fs.access(file).then(
-    () => true,
-    () => false,
-  );
 }

@@ -1,6 +1,7 @@
 import { promises as fs, constants } from 'node:fs';
 import path from 'node:path';
 import { SnapshiftError } from '../core/errors.ts';
+import { pathExists } from '../core/fs-probe.ts';
 
 /**
  * The loop-control device the check looks for. SNAPSHIFT_LAB_LOOP_CONTROL overrides it so tests can
@@ -29,22 +30,13 @@ export async function checkLabHost(): Promise<void> {
   const missing: string[] = [];
   if (process.getuid?.() !== 0) missing.push('root (lab up attaches loop devices and mounts filesystems; run it as root)');
   const loopControl = loopControlPath();
-  if (!(await exists(loopControl))) missing.push(`loop devices (${loopControl} does not exist; load the "loop" kernel module or run on a host that has it)`);
+  if (!(await pathExists(loopControl))) missing.push(`loop devices (${loopControl} does not exist; load the "loop" kernel module or run on a host that has it)`);
   const programs: string[] = [];
   for (const [program, debianPackage] of requiredPrograms) {
     if (!(await onPath(program))) programs.push(`${program} (apt-get install ${debianPackage})`);
   }
   if (programs.length > 0) missing.push(`programs: ${programs.join(', ')}`);
   if (missing.length > 0) throw new SnapshiftError('LAB_HOST_UNFIT', `cannot bring the lab up, missing: ${missing.join('; ')}`);
-}
-
-async function exists(file: string): Promise<boolean> {
-  try {
-    await fs.access(file);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /** Whether `program` is an executable on PATH (plus the sbin folders a non-login root shell may lack). */

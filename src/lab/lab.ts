@@ -15,6 +15,7 @@ import { endOwnedProcess, isOwnedProcessAlive, sleep } from './owned-process.ts'
 import { chooseAccelerator, guestQemuArgs, guestRunFiles, launchGuestQemu, qemuProgram, type Accelerator } from './qemu-guest.ts';
 import { createVmDisk } from './vm-disk.ts';
 import { checkZfsHost, createZfsPool, endZfsDaemon, ensureZfsDaemon, minZfsPoolSizeBytes, newZfsRecord, removeZfsPool, zfsDaemonLabel, zfsPoolImported, type ZfsRecord } from './lab-zfs.ts';
+import { pathExists } from '../core/fs-probe.ts';
 
 export interface LabUpOptions {
   /** Lab folder; default ./.snapshift-lab. */
@@ -125,7 +126,7 @@ export class Lab implements AsyncDisposable {
       throw new SnapshiftError('LAB_BROKEN', `a lab in ${layout.dir} is half up (a datastore is not mounted); run "snapshift lab down --dir ${layout.dir}" first`);
     }
 
-    const dirExisted = await exists(layout.dir);
+    const dirExisted = await pathExists(layout.dir);
     const lab = new Lab(layout);
     try {
       await fs.mkdir(layout.dir, { recursive: true });
@@ -442,15 +443,6 @@ export class Lab implements AsyncDisposable {
 
 function notUp(dir: string): SnapshiftError {
   return new SnapshiftError('LAB_NOT_UP', `no lab is up in ${dir} (run "snapshift lab up --dir ${dir}")`);
-}
-
-async function exists(file: string): Promise<boolean> {
-  try {
-    await fs.access(file);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 function messageOf(error: unknown): string {

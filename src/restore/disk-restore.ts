@@ -1,7 +1,8 @@
-import { open, rm, rename, stat } from 'node:fs/promises';
+import { open, rm, rename } from 'node:fs/promises';
 import { SnapshiftError } from '../core/errors.ts';
 import { exec } from '../core/exec.ts';
 import type { RestorePointReader } from '../repository/index.ts';
+import { pathExists } from '../core/fs-probe.ts';
 
 export type RestoreFormat = 'raw' | 'qcow2';
 
@@ -24,7 +25,7 @@ export async function restoreDisk(reader: RestorePointReader, diskName: string, 
   if (!disk) {
     throw new SnapshiftError('RESTORE_NO_SUCH_DISK', `restore point ${reader.summary.id} has no disk "${diskName}" (it has: ${reader.summary.disks.map((d) => d.name).join(', ')})`);
   }
-  if (!options.force && (await exists(targetPath))) {
+  if (!options.force && (await pathExists(targetPath))) {
     throw new SnapshiftError('RESTORE_TARGET_EXISTS', `${targetPath} exists: choose another path or pass --force to overwrite it`);
   }
   const rawPath = `${targetPath}.snapshift-partial${options.format === 'qcow2' ? '.raw' : ''}`;
@@ -74,13 +75,4 @@ export async function restoreDisk(reader: RestorePointReader, diskName: string, 
     throw error;
   }
   return { sizeBytes: disk.sizeBytes, writtenBytes };
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await stat(path);
-    return true;
-  } catch {
-    return false;
-  }
 }

@@ -6,24 +6,16 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { exec, start } from '../../src/core/exec.ts';
-import { SnapshiftError } from '../../src/core/errors.ts';
 import { NbdClient, type Extent } from '../../src/datamover/nbd/index.ts';
 import { alignRegions, collectRegions, dataRegions, dirtyRegions } from '../../src/datamover/extent-map.ts';
 import { QmpClient } from '../../src/hypervisor/qemu/qmp-client.ts';
 import { StorageDaemon } from '../../src/lab/storage-daemon.ts';
 import { writePattern } from '../../src/lab/nbd-writer.ts';
+import { hasCode } from '../support/assertions.ts';
 
 const MiB = 1024 * 1024;
 const KiB = 1024;
 
-function hasCode(code: string, text?: RegExp) {
-  return (error: unknown) => {
-    assert.ok(error instanceof SnapshiftError, `expected a SnapshiftError, got ${String(error)}`);
-    assert.equal(error.code, code, error.message);
-    if (text) assert.match(error.message, text);
-    return true;
-  };
-}
 
 /** nbdinfo's view of a meta context, merged like ours so both sides compare as maps. */
 async function nbdinfoMap(uri: string, context: string): Promise<Extent[]> {

@@ -5,18 +5,10 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { exec } from '../../src/core/exec.ts';
-import { SnapshiftError } from '../../src/core/errors.ts';
 import { QmpClient, qmpErrorClass, type QmpEvent } from '../../src/hypervisor/qemu/qmp-client.ts';
 import { StorageDaemon } from '../../src/lab/storage-daemon.ts';
+import { hasCode } from '../support/assertions.ts';
 
-function hasCode(code: string, text?: RegExp) {
-  return (error: unknown) => {
-    assert.ok(error instanceof SnapshiftError, `expected a SnapshiftError, got ${String(error)}`);
-    assert.equal(error.code, code, error.message);
-    if (text) assert.match(error.message, text);
-    return true;
-  };
-}
 
 /** A unix-socket server that is not QEMU, or a fake QEMU that misbehaves on purpose. */
 async function fakeServer(path: string, onConnection: (socket: Socket) => void): Promise<Server> {

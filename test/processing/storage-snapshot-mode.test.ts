@@ -13,11 +13,12 @@ import { StorageDaemon } from '../../src/lab/storage-daemon.ts';
 import { runBackup, type BackupRunResult } from '../../src/processing/backup-run.ts';
 import { huntOverlaysOnHosts, huntVmSnapshots } from '../../src/processing/snapshot-hunter.ts';
 import { huntStorageSnapshots } from '../../src/processing/storage-hunter.ts';
-import { initRepository, openRepository, type Repository } from '../../src/repository/index.ts';
+import type { Repository } from '../../src/repository/index.ts';
 import { restoreDisk } from '../../src/restore/disk-restore.ts';
 import { makeWorkspace, md5File, md5OfImage } from '../support/workspace.ts';
 import { guestWrite } from '../support/guest-io.ts';
 import { sigkill, startPausedBackup } from '../support/paused-backup.ts';
+import { closeBackupBed, openBackupBed, startVmStandIn } from '../support/backup-bed.ts';
 
 const MiB = 1024 * 1024;
 const password = 'storage-test';
@@ -36,17 +37,11 @@ describe('backup from storage snapshots (btrfs, XFS), guest-less', () => {
 
   /** A VM stand-in: a qcow2 on the datastore with data, served by qemu-storage-daemon, in the catalog. */
   async function makeVm(name: string, folder: string, sizeBytes = 32 * MiB): Promise<{ daemon: StorageDaemon; imagePath: string }> {
-    const imagePath = join(folder, `${name}.qcow2`);
-    await exec('qemu-img', ['create', '-q', '-f', 'qcow2', imagePath, String(sizeBytes)]);
-    const runDir = join(workspace.dir, 'vms', name);
-    mkdirSync(runDir, { recursive: true });
-    const daemon = await StorageDaemon.start({ dir: runDir, images: [{ path: imagePath, format: 'qcow2', nodeName: 'disk0' }] });
-    daemons.push(daemon);
-    await guestWrite(daemon, 0, randomBytes(4 * MiB));
-    await guestWrite(daemon, sizeBytes - 3 * MiB, randomBytes(MiB));
-    catalog.addHost({ name, kind: 'qemu', qmpSocketPath: daemon.qmpSocketPath, nbdSocketPath: daemon.nbdSocketPath });
-    return { daemon, imagePath };
+    const vm = await startVmStandIn({ workspace, catalog, repository }, name, folder, sizeBytes);
+    daemons.push(vm.daemon);
+    return vm;
   }
+
 
   async function backup(vmNames: string[], extra: Partial<Parameters<typeof runBackup>[0]> = {}): Promise<BackupRunResult> {
     return runBackup({ hosts: vmNames.map((name) => catalog.getHost(name)!), mode: 'storage-snapshot', repository, catalog, runDir: join(workspace.dir, 'run'), ...extra });
@@ -59,19 +54,11 @@ describe('backup from storage snapshots (btrfs, XFS), guest-less', () => {
   }
 
   before(async () => {
-    workspace = await makeWorkspace('storage');
-    mkdirSync(join(workspace.dir, 'home'));
-    catalog = Catalog.open(join(workspace.dir, 'home'));
-    await initRepository(join(workspace.dir, 'repo'), { password, encryption: true });
-    repository = await openRepository(join(workspace.dir, 'repo'), { password });
+    ({ workspace, catalog, repository } = await openBackupBed('storage', password));
   });
 
   after(async () => {
-    for (const child of children) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-    for (const daemon of daemons) await daemon.stop();
-    await repository?.close();
-    catalog?.close();
-    await workspace?.cleanup();
+    await closeBackupBed({ workspace, catalog, repository }, { daemons, children });
   });
   // Registered after our own `after`, so the daemons holding files on the datastores are gone before it runs.
   const lab = withLab();

@@ -12,11 +12,12 @@ import { StorageDaemon } from '../../src/lab/storage-daemon.ts';
 import { runBackup } from '../../src/processing/backup-run.ts';
 import { huntOverlaysOnHosts, huntVmSnapshots } from '../../src/processing/snapshot-hunter.ts';
 import { huntStorageSnapshots } from '../../src/processing/storage-hunter.ts';
-import { initRepository, openRepository, type Repository } from '../../src/repository/index.ts';
+import type { Repository } from '../../src/repository/index.ts';
 import { restoreDisk } from '../../src/restore/disk-restore.ts';
 import { makeWorkspace, md5File } from '../support/workspace.ts';
 import { guestRead, guestWrite, snapshiftNodesOf } from '../support/guest-io.ts';
 import { sigkill, startPausedBackup } from '../support/paused-backup.ts';
+import { closeBackupBed, openBackupBed } from '../support/backup-bed.ts';
 
 const MiB = 1024 * 1024;
 const password = 'ceph-rbd-test';
@@ -30,21 +31,13 @@ describe('backup from Ceph RBD snapshots, guest-less', () => {
   const children: ChildProcess[] = [];
 
   before(async () => {
-    workspace = await makeWorkspace('ceph');
-    mkdirSync(join(workspace.dir, 'home'));
+    ({ workspace, catalog, repository } = await openBackupBed('ceph', password));
     overlayFolder = join(workspace.dir, 'overlays');
-    catalog = Catalog.open(join(workspace.dir, 'home'));
-    await initRepository(join(workspace.dir, 'repo'), { password, encryption: true });
-    repository = await openRepository(join(workspace.dir, 'repo'), { password });
   });
 
   // Runs before withCeph's teardown (registered later): nothing holds an RBD image when Ceph goes down.
   after(async () => {
-    for (const child of children) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-    for (const daemon of daemons) await daemon.stop();
-    await repository?.close();
-    catalog?.close();
-    await workspace?.cleanup();
+    await closeBackupBed({ workspace, catalog, repository }, { daemons, children });
   });
   const ceph = withCeph();
   // The registry's ceph-rbd provider (and backup children) find the lab cluster through the environment.

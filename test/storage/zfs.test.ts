@@ -2,7 +2,7 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, readdirSync } from 'node:fs';
+import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { Catalog } from '../../src/catalog/index.ts';
 import { exec } from '../../src/core/exec.ts';
@@ -12,13 +12,14 @@ import { withZfs } from '../../src/lab/index.ts';
 import { StorageDaemon } from '../../src/lab/storage-daemon.ts';
 import { runBackup } from '../../src/processing/backup-run.ts';
 import { huntStorageSnapshots } from '../../src/processing/storage-hunter.ts';
-import { initRepository, openRepository, type Repository } from '../../src/repository/index.ts';
+import type { Repository } from '../../src/repository/index.ts';
 import { restoreDisk } from '../../src/restore/disk-restore.ts';
 import { listZfsDatasets } from '../../src/storage/zfs/zfs-command.ts';
 import { ZfsStorage } from '../../src/storage/zfs/zfs-storage.ts';
 import { makeWorkspace, md5File, md5OfImage } from '../support/workspace.ts';
 import { guestWrite } from '../support/guest-io.ts';
 import { sigkill, startPausedBackup } from '../support/paused-backup.ts';
+import { closeBackupBed, openBackupBed, startVmStandIn } from '../support/backup-bed.ts';
 
 const MiB = 1024 * 1024;
 const password = 'zfs-test';
@@ -37,32 +38,18 @@ describe('backup from ZFS storage snapshots (zfs-fuse), guest-less', () => {
 
   /** A VM stand-in: a qcow2 on the ZFS dataset with data, served by qemu-storage-daemon, in the catalog. */
   async function makeVm(name: string, sizeBytes = 32 * MiB): Promise<{ daemon: StorageDaemon; imagePath: string }> {
-    const imagePath = join(zfs().zfs.vmDisksDir, `${name}.qcow2`);
-    await exec('qemu-img', ['create', '-q', '-f', 'qcow2', imagePath, String(sizeBytes)]);
-    const runDir = join(workspace.dir, 'vms', name);
-    mkdirSync(runDir, { recursive: true });
-    const daemon = await StorageDaemon.start({ dir: runDir, images: [{ path: imagePath, format: 'qcow2', nodeName: 'disk0' }] });
-    daemons.push(daemon);
-    await guestWrite(daemon, 0, randomBytes(4 * MiB));
-    await guestWrite(daemon, sizeBytes - 3 * MiB, randomBytes(MiB));
-    catalog.addHost({ name, kind: 'qemu', qmpSocketPath: daemon.qmpSocketPath, nbdSocketPath: daemon.nbdSocketPath });
-    return { daemon, imagePath };
+    const vm = await startVmStandIn({ workspace, catalog, repository }, name, zfs().zfs.vmDisksDir, sizeBytes);
+    daemons.push(vm.daemon);
+    return vm;
   }
 
+
   before(async () => {
-    workspace = await makeWorkspace('zfs');
-    mkdirSync(join(workspace.dir, 'home'));
-    catalog = Catalog.open(join(workspace.dir, 'home'));
-    await initRepository(join(workspace.dir, 'repo'), { password, encryption: true });
-    repository = await openRepository(join(workspace.dir, 'repo'), { password });
+    ({ workspace, catalog, repository } = await openBackupBed('zfs', password));
   });
 
   after(async () => {
-    for (const child of children) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-    for (const daemon of daemons) await daemon.stop();
-    await repository?.close();
-    catalog?.close();
-    await workspace?.cleanup();
+    await closeBackupBed({ workspace, catalog, repository }, { daemons, children });
   });
   // Registered after our own `after`, so the daemons holding files on the dataset are gone before it runs.
   const zfs = withZfs();

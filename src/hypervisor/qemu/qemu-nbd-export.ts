@@ -1,7 +1,8 @@
-import { rm, stat } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import { SnapshiftError } from '../../core/errors.ts';
 import type { DiskExport } from '../hypervisor.ts';
 import type { QmpSession } from './qmp-session.ts';
+import { isSocket } from '../../core/fs-probe.ts';
 
 export interface ExportOptions {
   /** Unix socket for the NBD server we start in the QEMU process if it runs none. */
@@ -69,10 +70,6 @@ export async function exportNodeReadOnly(qmp: QmpSession, nodeName: string, opti
 async function stopServer(qmp: QmpSession, socketPath: string): Promise<void> {
   await qmp.execute('nbd-server-stop');
   await rm(socketPath, { force: true });
-}
-
-async function isSocket(path: string): Promise<boolean> {
-  return (await stat(path).catch(() => undefined))?.isSocket() ?? false;
 }
 
 /**
