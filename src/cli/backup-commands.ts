@@ -1,8 +1,8 @@
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import type { Catalog } from '../catalog/index.ts';
-import { SnapshiftError } from '../core/errors.ts';
-import { runBackup, type BackupRunResult } from '../processing/backup-run.ts';
+import { ExitStatus, SnapshiftError } from '../core/errors.ts';
+import { runBackup, type BackupRunResult, type ProcessingMode } from '../processing/backup-run.ts';
 import type { TaskStats } from '../processing/task-stats.ts';
 import { huntOverlaysOnHosts, huntVmSnapshots } from '../processing/snapshot-hunter.ts';
 import { huntStorageSnapshots } from '../processing/storage-hunter.ts';
@@ -10,6 +10,7 @@ import { restoreDisk, type RestoreFormat } from '../restore/disk-restore.ts';
 import { openCatalog, homeOf, printJson } from './context.ts';
 import { formatBytes, formatColumns, formatDuration, formatRatio, formatTable } from './format.ts';
 import { ProgressBar } from './progress.ts';
+import { stoppedExitStatus, withStopSignals } from './stop-signals.ts';
 import { openRepositoryForCli, repositoryOption, type RepositoryCliOptions } from './repository-access.ts';
 
 /** `snapshift backup`, `restore-points`, `restore`, `hunt`: the daily verbs. */
@@ -40,6 +41,7 @@ export function registerBackupCommands(program: Command): void {
         command: Command,
       ) => {
         if (options.mode !== 'regular' && options.mode !== 'storage-snapshot') throw new SnapshiftError('USAGE', `unknown mode "${options.mode}": use storage-snapshot or regular`);
+        const mode: ProcessingMode = options.mode;
         const vmsPerStorageSnapshot = positiveInteger(options.vmsPerStorageSnapshot, '--vms-per-storage-snapshot');
         const maxReadRate = options.maxReadRate === undefined ? undefined : positiveInteger(options.maxReadRate, '--max-read-rate');
         using catalog = openCatalog(command);
@@ -51,23 +53,36 @@ export function registerBackupCommands(program: Command): void {
         await using repository = await openRepositoryForCli(options, catalog, vmNames[0]);
         const bars = new Map(hosts.map((host) => [host.name, new ProgressBar(!options.json && !options.quiet, host.name)]));
         let run: BackupRunResult;
+        let stopped = false;
         try {
-          run = await runBackup({
-            hosts,
-            mode: options.mode,
-            repository,
-            catalog,
-            runDir: join(homeOf(command), 'run'),
-            failoverToRegular: options.failoverToRegular,
-            quiesce: options.quiesce,
-            vmsPerStorageSnapshot,
-            full: options.full ?? false,
-            maxReadBytesPerSecond: maxReadRate === undefined ? undefined : maxReadRate * 1e6,
-            overlayFolder: resolve(options.overlayFolder ?? join(homeOf(command), 'overlays')),
-            onProgress: (progress) => bars.get(progress.vmName)?.update(progress.processedBytes, progress.totalBytes, progress.phase),
+          run = await withStopSignals('VM snapshots are committed, storage snapshots removed, no partial restore point', async (signal) => {
+            const result = await runBackup({
+              hosts,
+              mode,
+              repository,
+              catalog,
+              runDir: join(homeOf(command), 'run'),
+              failoverToRegular: options.failoverToRegular,
+              quiesce: options.quiesce,
+              vmsPerStorageSnapshot,
+              full: options.full ?? false,
+              maxReadBytesPerSecond: maxReadRate === undefined ? undefined : maxReadRate * 1e6,
+              overlayFolder: resolve(options.overlayFolder ?? join(homeOf(command), 'overlays')),
+              signal,
+              onProgress: (progress) => bars.get(progress.vmName)?.update(progress.processedBytes, progress.totalBytes, progress.phase),
+            });
+            stopped = signal.aborted;
+            return result;
           });
         } finally {
           for (const bar of bars.values()) bar.stop();
+        }
+        if (stopped) {
+          const kept = run.outcomes.filter((outcome) => outcome.result);
+          for (const outcome of kept) console.error(`${outcome.vmName}: restore point ${outcome.result!.restorePoint.id} was complete before the stop and is kept`);
+          console.error(`snapshift: backup stopped; ${run.outcomes.length - kept.length} VM(s) without a new restore point`);
+          process.exitCode = stoppedExitStatus;
+          return;
         }
         const failed = run.outcomes.filter((outcome) => outcome.error).length;
         // One VM that failed is the command's failure: one line on stderr, exit 2 (as for any error).
@@ -82,6 +97,7 @@ export function registerBackupCommands(program: Command): void {
               restorePointId: outcome.result?.restorePoint.id,
               stats: outcome.result?.stats,
               failoverReason: outcome.result?.failoverReason,
+              warnings: outcome.result?.warnings,
               storage: outcome.result?.storageKinds,
               error: outcome.error?.message,
             })),
@@ -97,13 +113,14 @@ export function registerBackupCommands(program: Command): void {
             const result = outcome.result!;
             console.log(`\n${outcome.vmName}: restore point ${result.restorePoint.id}`);
             if (result.failoverReason) console.log(`  failover to regular mode: ${result.failoverReason}`);
+            for (const warning of result.warnings ?? []) console.error(`${outcome.vmName}: warning: ${warning}`);
             if (result.storageKinds && result.stats.mode === 'storage-snapshot') console.log(`  storage snapshot by: ${result.storageKinds.join(', ')}`);
             console.log(formatSummary(result.stats));
           }
         }
         if (failed > 0) {
           process.exitCode = failed === run.outcomes.length ? 2 : 1;
-        } else if (run.outcomes.some((outcome) => outcome.result?.failoverReason)) {
+        } else if (run.outcomes.some((outcome) => outcome.result?.failoverReason || (outcome.result?.warnings?.length ?? 0) > 0)) {
           process.exitCode = 1;
         }
       },
@@ -183,11 +200,18 @@ export function registerBackupCommands(program: Command): void {
       const dryRun = options.dryRun ?? false;
       const vmSnapshots = [...(await huntVmSnapshots(catalog, { dryRun })), ...(await huntOverlaysOnHosts(catalog, { dryRun }))];
       const storageSnapshots = await huntStorageSnapshots(catalog, { dryRun });
-      if (options.json) return printJson({ dryRun, vmSnapshots, storageSnapshots });
+      // Something still in place (a VM on an overlay, a storage snapshot) is a failure an admin must see.
+      const leftInPlace = vmSnapshots.filter((action) => action.action === 'left-in-place').length + storageSnapshots.filter((action) => action.action === 'failed').length;
+      if (leftInPlace > 0) process.exitCode = ExitStatus.failed;
+      if (options.json) return printJson({ dryRun, vmSnapshots, storageSnapshots, leftInPlace });
       if (vmSnapshots.length + storageSnapshots.length === 0) return console.log('nothing left behind');
       const prefix = dryRun ? 'would: ' : '';
-      for (const action of vmSnapshots) console.log(`${prefix}${action.action} VM snapshot of ${action.vmName}: ${action.overlayPath} (${action.detail})`);
+      for (const action of vmSnapshots) {
+        const what = action.action === 'removed-export' ? action.detail : `VM snapshot of ${action.vmName}: ${action.overlayPath} (${action.detail})`;
+        console.log(`${prefix}${action.action} ${what}`);
+      }
       for (const action of storageSnapshots) console.log(`${prefix}${action.action} ${action.kind} storage snapshot ${action.location} (${action.detail})`);
+      if (leftInPlace > 0) console.error(`snapshift hunt: ${leftInPlace} leftover(s) could not be removed; see above`);
     });
 }
 

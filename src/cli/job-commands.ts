@@ -1,6 +1,7 @@
 import { readFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
+import { withStopSignals } from './stop-signals.ts';
 import { parse as parseYaml } from 'yaml';
 import { SessionState, type Catalog } from '../catalog/index.ts';
 import { SnapshiftError } from '../core/errors.ts';
@@ -206,28 +207,21 @@ export async function runJobFromCli(
   options: { progress: boolean; maxReadRate?: string; maxWriteRate?: string },
 ): Promise<JobRunResult> {
   const password = await passwordFor(job);
-  const controller = new AbortController();
-  const stop = (signal: NodeJS.Signals) => {
-    if (!controller.signal.aborted) process.stderr.write(`\nsnapshift: ${signal}: stopping the session cleanly (VM snapshots are committed, storage snapshots removed)\n`);
-    controller.abort();
-  };
-  process.on('SIGINT', stop);
-  process.on('SIGTERM', stop);
   const progress = new SessionProgress(options.progress, job.name);
   try {
-    return await runJob(job, {
-      catalog,
-      home,
-      password,
-      signal: controller.signal,
-      onProgress: (p) => progress.update(p.vmName, p.processedBytes, p.totalBytes, p.phase),
-      maxReadBytesPerSecond: options.maxReadRate ? Number(options.maxReadRate) * 1e6 : undefined,
-      maxWriteBytesPerSecond: options.maxWriteRate ? Number(options.maxWriteRate) * 1e6 : undefined,
-    });
+    return await withStopSignals('VM snapshots are committed, storage snapshots removed', (signal) =>
+      runJob(job, {
+        catalog,
+        home,
+        password,
+        signal,
+        onProgress: (p) => progress.update(p.vmName, p.processedBytes, p.totalBytes, p.phase),
+        maxReadBytesPerSecond: options.maxReadRate ? Number(options.maxReadRate) * 1e6 : undefined,
+        maxWriteBytesPerSecond: options.maxWriteRate ? Number(options.maxWriteRate) * 1e6 : undefined,
+      }),
+    );
   } finally {
     progress.stop();
-    process.off('SIGINT', stop);
-    process.off('SIGTERM', stop);
   }
 }
 

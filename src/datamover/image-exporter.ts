@@ -25,7 +25,13 @@ export async function exportImageReadOnly(options: ImageExportOptions): Promise<
   await rm(socketPath, { force: true });
   const file = { ...protocolOptionsOf(options.imagePath), 'read-only': true };
   const node = options.format === 'raw' ? { ...file, 'node-name': 'image' } : { driver: options.format, 'node-name': 'image', 'read-only': true, file };
-  const daemon = start('qemu-storage-daemon', [
+  // setpriv --pdeathsig: the kernel kills the daemon when we die, even by SIGKILL, so a crashed backup
+  // never leaves a daemon holding the storage snapshot open (which would also block its removal).
+  const daemon = start('setpriv', [
+    '--pdeathsig',
+    'KILL',
+    '--',
+    'qemu-storage-daemon',
     '--blockdev',
     JSON.stringify(node),
     '--nbd-server',

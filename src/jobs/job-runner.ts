@@ -76,10 +76,11 @@ export async function runJob(job: JobDefinition, context: JobRunContext): Promis
           tasks.push({ vmName: outcome.vmName, state: stopped ? SessionState.stopped : SessionState.failed, reason: stopped ? 'stopped by request' : messageOf(outcome.error) });
         } else {
           const result = outcome.result!;
+          const notes = [...(result.failoverReason ? [`failover to regular mode: ${result.failoverReason}`] : []), ...(result.warnings ?? [])];
           tasks.push({
             vmName: outcome.vmName,
-            state: result.failoverReason ? SessionState.warning : SessionState.success,
-            reason: result.failoverReason ? `failover to regular mode: ${result.failoverReason}` : undefined,
+            state: notes.length > 0 ? SessionState.warning : SessionState.success,
+            reason: notes.length > 0 ? notes.join('; ') : undefined,
             restorePointId: result.restorePoint.id,
             stats: result.stats,
           });

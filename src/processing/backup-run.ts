@@ -8,8 +8,10 @@ import type { StorageSystem } from '../storage/storage-system.ts';
 import { backupVmRegular, type BackupTaskResult } from './regular-mode.ts';
 import { huntOverlaysOnHosts, huntVmSnapshots, type HuntAction } from './snapshot-hunter.ts';
 import { huntStorageSnapshots, type StorageHuntAction } from './storage-hunter.ts';
-import { backupGroupFromStorageSnapshots, StorageUnsupported } from './storage-snapshot-mode.ts';
+import { backupGroupFromStorageSnapshots, GroupUndoFailed, StorageUnsupported } from './storage-snapshot-mode.ts';
+import { messageOf } from '../core/errors.ts';
 import type { TaskTuning } from './task-options.ts';
+import { faultPoint } from '../core/fault-points.ts';
 
 export type ProcessingMode = 'regular' | 'storage-snapshot';
 
@@ -32,7 +34,8 @@ export interface BackupRunInput extends TaskTuning {
 
 export interface VmOutcome {
   vmName: string;
-  result?: BackupTaskResult & { failoverReason?: string; storageKinds?: string[] };
+  /** `warnings`: the restore point is good, but something around it went wrong (e.g. removing a snapshot). */
+  result?: BackupTaskResult & { failoverReason?: string; storageKinds?: string[]; warnings?: string[] };
   error?: Error;
 }
 
@@ -57,6 +60,7 @@ export async function runBackup(input: BackupRunInput): Promise<BackupRunResult>
     vmSnapshots: [...(await huntVmSnapshots(input.catalog)), ...(await huntOverlaysOnHosts(input.catalog))],
     storageSnapshots: await huntStorageSnapshots(input.catalog, { systems }),
   };
+  faultPoint('backup.after-hunt');
   const failover = input.failoverToRegular ?? true;
   const outcomes: VmOutcome[] = [];
   let storageSnapshotCount = 0;
@@ -99,8 +103,15 @@ export async function runBackup(input: BackupRunInput): Promise<BackupRunResult>
       } catch (error) {
         // Undoing a snapshot failed (e.g. the QMP connection broke during the commit): retry the way the
         // hunter would, on fresh connections, so no guest is left on an overlay and no storage snapshot stays.
-        outcomes.push(...group.map((host) => ({ vmName: host.name, error: error as Error })));
-        await recoverSession(input.catalog, groupSessionId, group.map((host) => host.name), systems);
+        // VMs whose restore point was committed keep it: the failed undo is their warning, not their failure.
+        const done = error instanceof GroupUndoFailed ? error.outcomes : [];
+        const recovery = await recoverSession(input.catalog, groupSessionId, group.map((host) => host.name), systems);
+        const warning = `${messageOf(error)}${recovery}`;
+        for (const host of group) {
+          const outcome = done.find((candidate) => candidate.vmName === host.name);
+          if (outcome?.result) outcomes.push({ ...outcome, result: { ...outcome.result, warnings: [...(outcome.result.warnings ?? []), warning] } });
+          else outcomes.push({ vmName: host.name, error: outcome?.error ?? (error as Error) });
+        }
       }
     }),
   ];
@@ -150,9 +161,22 @@ async function forEachConcurrently<T>(items: readonly T[], limit: number, work: 
   await Promise.all(lanes);
 }
 
-/** Removes what this session left for the given VMs after its own undo failed. Never throws. */
-async function recoverSession(catalog: Catalog, sessionId: string, vmNames: readonly string[], systems: readonly StorageSystem[]): Promise<void> {
+/**
+ * Removes what this session left for the given VMs after its own undo failed. Never throws; returns a note
+ * for the warning: what the retry removed, or what is still left for `snapshift hunt`.
+ */
+async function recoverSession(catalog: Catalog, sessionId: string, vmNames: readonly string[], systems: readonly StorageSystem[]): Promise<string> {
   const entries = catalog.listVmSnapshotLedger().filter((entry) => entry.sessionId === sessionId && vmNames.includes(entry.vmName));
-  if (entries.length > 0) await huntVmSnapshots(catalog, { includeEntries: entries.map((entry) => entry.id) }).catch(() => undefined);
-  await huntStorageSnapshots(catalog, { systems, forceSessionTags: [sessionId.slice(0, 8)] }).catch(() => undefined);
+  const left: string[] = [];
+  try {
+    if (entries.length > 0) {
+      const actions = await huntVmSnapshots(catalog, { includeEntries: entries.map((entry) => entry.id) });
+      left.push(...actions.filter((action) => action.action === 'left-in-place').map((action) => action.overlayPath));
+    }
+    const storageActions = await huntStorageSnapshots(catalog, { systems, forceSessionTags: [sessionId.slice(0, 8)] });
+    left.push(...storageActions.filter((action) => action.action === 'failed').map((action) => action.location));
+  } catch (error) {
+    return `; the retry failed too (${messageOf(error)}): run "snapshift hunt"`;
+  }
+  return left.length === 0 ? '; removed on retry' : `; still left, run "snapshift hunt": ${left.join(', ')}`;
 }

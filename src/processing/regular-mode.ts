@@ -11,6 +11,7 @@ import { summarizeTask, type TaskStats } from './task-stats.ts';
 import { copyVmDisks, socketSafe, type VmDiskCopy } from './vm-copy.ts';
 import { planQuiesce } from './quiesce.ts';
 import type { TaskTuning } from './task-options.ts';
+import { faultPoint } from '../core/fault-points.ts';
 
 export interface TaskProgress {
   vmName: string;
@@ -52,6 +53,7 @@ export async function backupVmRegular(input: BackupTaskInput): Promise<BackupTas
   mkdirSync(input.runDir, { recursive: true });
   // Before we hold the QMP connection (QEMU serves one client at a time): clean what a crash left.
   const recovered = input.skipHunt ? [] : await huntVmSnapshots(input.catalog, { vmName: input.host.name });
+  if (!input.skipHunt) faultPoint('backup.after-hunt');
   try {
     return { ...(await runRegularTask(input, sessionId)), recovered };
   } catch (error) {
@@ -87,6 +89,7 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
     exportWithBitmap: (disk, index, bitmap) => host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-bitmap-${index}`, socketPath: nbdSocketPath, bitmaps: [bitmap] }),
   });
   const writer = await repository.startBackup({ vmName: hostRecord.name, baseRestorePointId: cbt.baseRestorePointId });
+  faultPoint('backup.after-writer-start');
   let committed = false;
   try {
     report('snapshot', 0);
@@ -120,6 +123,7 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
           },
         )),
       );
+      faultPoint('copy.after-copy');
       report('commit', totalBytes);
       vmSnapshotStats = await vmSnapshot.commit();
     }
@@ -136,7 +140,9 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
     });
     committed = true;
     await cbt.finish(true);
+    faultPoint('cbt.after-finish');
     catalog.addRestorePoint({ id: restorePoint.id, vmName: hostRecord.name, repositoryPath: repository.path, createdAt: restorePoint.createdAt, mode: 'regular', stats: { ...stats, failoverReason: input.failoverReason } });
+    faultPoint('backup.after-catalog-record');
     return { restorePoint, stats };
   } finally {
     if (!committed) {

@@ -3,6 +3,7 @@ import { rm } from 'node:fs/promises';
 import type { Catalog, VmSnapshotLedgerEntry } from '../catalog/index.ts';
 import { exec } from '../core/exec.ts';
 import { messageOf } from '../core/errors.ts';
+import { faultPoint } from '../core/fault-points.ts';
 import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
 import { backingChildOf, queryNamedBlockNodes } from '../hypervisor/qemu/block-graph.ts';
 import { commitOverlay } from '../hypervisor/qemu/block-commit.ts';
@@ -12,7 +13,7 @@ export interface HuntAction {
   vmName: string;
   overlayPath: string;
   /** What was (or, in a dry run, would be) done. */
-  action: 'committed-live' | 'committed-offline' | 'removed-unused-file' | 'already-gone' | 'left-in-place';
+  action: 'committed-live' | 'committed-offline' | 'removed-unused-file' | 'removed-export' | 'already-gone' | 'left-in-place';
   detail: string;
 }
 
@@ -33,6 +34,17 @@ export function ownerIsRunning(pid: number): boolean {
 }
 
 /**
+ * Tags of sessions whose owner still runs: what carries them (overlays, exports, bitmaps) is not ours to
+ * touch. A job's VM-snapshot ledger rows and storage-snapshot ledger rows both count.
+ */
+function liveSessionTags(catalog: Catalog): Set<string> {
+  const tags = new Set<string>();
+  for (const entry of catalog.listVmSnapshotLedger()) if (ownerIsRunning(entry.ownerPid)) tags.add(entry.sessionId.slice(0, 8));
+  for (const entry of catalog.listStorageSnapshotLedger()) if (ownerIsRunning(entry.ownerPid)) tags.add(entry.sessionTag);
+  return tags;
+}
+
+/**
  * Finds VM snapshots a crashed or killed task left behind (ledger rows whose owner is gone) and removes them:
  * an overlay still active in a running QEMU is committed live; one whose QEMU is gone is committed offline
  * with qemu-img (which refuses if anyone still holds the image); a file no chain uses is deleted. A row is
@@ -40,11 +52,12 @@ export function ownerIsRunning(pid: number): boolean {
  */
 export async function huntVmSnapshots(catalog: Catalog, options: { vmName?: string; dryRun?: boolean; includeEntries?: number[] } = {}): Promise<HuntAction[]> {
   const actions: HuntAction[] = [];
+  const liveTags = liveSessionTags(catalog);
   for (const entry of catalog.listVmSnapshotLedger(options.vmName)) {
     const forced = options.includeEntries?.includes(entry.id) ?? false;
     if (!forced && ownerIsRunning(entry.ownerPid)) continue;
     // One VM that cannot be repaired (QEMU not answering, I/O errors) must not stop the hunt for the others.
-    const entryActions = await recoverEntry(entry, options.dryRun ?? false).catch((error: unknown): HuntAction[] =>
+    const entryActions = await recoverEntry(entry, options.dryRun ?? false, (tag) => liveTags.has(tag) && !(forced && tag === entry.sessionId.slice(0, 8))).catch((error: unknown): HuntAction[] =>
       entry.overlays.map((overlay) => ({ vmName: entry.vmName, overlayPath: overlay.overlayPath, action: 'left-in-place', detail: messageOf(error) })),
     );
     actions.push(...entryActions);
@@ -53,7 +66,7 @@ export async function huntVmSnapshots(catalog: Catalog, options: { vmName?: stri
   return actions;
 }
 
-async function recoverEntry(entry: VmSnapshotLedgerEntry, dryRun: boolean): Promise<HuntAction[]> {
+async function recoverEntry(entry: VmSnapshotLedgerEntry, dryRun: boolean, isLive: (tag: string) => boolean): Promise<HuntAction[]> {
   const actions: HuntAction[] = [];
   let host: QemuHost | undefined;
   try {
@@ -62,12 +75,15 @@ async function recoverEntry(entry: VmSnapshotLedgerEntry, dryRun: boolean): Prom
     host = undefined; // QEMU is gone (or not answering): only offline repair is possible
   }
   try {
-    if (host && !dryRun) await removeLeftoverExports(host.qmp);
+    if (host && !dryRun) await removeLeftoverExports(host.qmp, isLive);
     const liveNodes = host ? new Set((await queryNamedBlockNodes(host.qmp)).map((node) => node['node-name'])) : undefined;
     for (const overlay of entry.overlays) {
       const base = { vmName: entry.vmName, overlayPath: overlay.overlayPath };
       if (liveNodes?.has(overlay.overlayNodeName)) {
-        if (!dryRun) await commitOverlay(host!.qmp, overlay);
+        if (!dryRun) {
+          faultPoint('hunt.before-commit');
+          await commitOverlay(host!.qmp, overlay);
+        }
         actions.push({ ...base, action: 'committed-live', detail: `block-commit of ${overlay.overlayNodeName} into ${overlay.baseNodeName}` });
       } else if (!existsSync(overlay.overlayPath)) {
         actions.push({ ...base, action: 'already-gone', detail: 'no overlay file and no node: nothing to do' });
@@ -100,7 +116,7 @@ async function recoverEntry(entry: VmSnapshotLedgerEntry, dryRun: boolean): Prom
  * does not answer quickly (busy with another client) is skipped, never waited for.
  */
 export async function huntOverlaysOnHosts(catalog: Catalog, options: { dryRun?: boolean } = {}): Promise<HuntAction[]> {
-  const liveTags = new Set(catalog.listVmSnapshotLedger().filter((entry) => ownerIsRunning(entry.ownerPid)).map((entry) => entry.sessionId.slice(0, 8)));
+  const liveTags = liveSessionTags(catalog);
   const actions: HuntAction[] = [];
   for (const record of catalog.listHosts()) {
     let host: QemuHost;
@@ -110,6 +126,9 @@ export async function huntOverlaysOnHosts(catalog: Catalog, options: { dryRun?: 
       continue;
     }
     try {
+      // Exports a killed task left (e.g. a changed-block export opened before any snapshot was taken).
+      const exports = options.dryRun ? [] : await removeLeftoverExports(host.qmp, (tag) => liveTags.has(tag)).catch(() => []);
+      for (const id of exports) actions.push({ vmName: record.name, overlayPath: '', action: 'removed-export', detail: `NBD export ${id} of a session that is no longer running` });
       for (const node of await queryNamedBlockNodes(host.qmp).catch(() => [])) {
         const tag = node['node-name'].match(/^snapshift-([0-9a-f]{8})-\d+$/)?.[1];
         if (!tag || liveTags.has(tag)) continue;
@@ -118,7 +137,7 @@ export async function huntOverlaysOnHosts(catalog: Catalog, options: { dryRun?: 
         const overlay = { baseNodeName: base, overlayNodeName: node['node-name'], overlayPath: node.file };
         try {
           if (!options.dryRun) {
-            await removeLeftoverExports(host.qmp);
+            faultPoint('hunt.before-commit');
             await commitOverlay(host.qmp, overlay);
           }
           actions.push({ vmName: record.name, overlayPath: node.file, action: 'committed-live', detail: `overlay ${node['node-name']} of a session that is no longer running` });

@@ -16,6 +16,7 @@ import { summarizeTask } from './task-stats.ts';
 import { copyVmDisks, socketSafe, type VmDiskCopy } from './vm-copy.ts';
 import { planQuiesce, type QuiescePlan } from './quiesce.ts';
 import type { TaskTuning } from './task-options.ts';
+import { faultPoint } from '../core/fault-points.ts';
 
 export interface StorageGroupInput extends TaskTuning {
   hosts: readonly HostRecord[];
@@ -34,7 +35,7 @@ export interface StorageGroupInput extends TaskTuning {
 
 export interface GroupTaskOutcome {
   vmName: string;
-  result?: BackupTaskResult & { failoverReason?: string; storageKinds: string[] };
+  result?: BackupTaskResult & { failoverReason?: string; storageKinds: string[]; warnings?: string[] };
   error?: Error;
 }
 
@@ -61,12 +62,41 @@ interface GroupMember {
  * or the group fails cleanly with every VM snapshot committed.
  */
 export async function backupGroupFromStorageSnapshots(input: StorageGroupInput): Promise<GroupTaskOutcome[]> {
+  const cleanup = new CleanupStack();
+  const outcomes: GroupTaskOutcome[] = [];
+  let failure: unknown;
+  try {
+    await backupGroup(input, cleanup, outcomes);
+  } catch (error) {
+    failure = error;
+  }
+  try {
+    await cleanup[Symbol.asyncDispose]();
+  } catch (error) {
+    failure ??= error;
+  }
+  if (failure !== undefined) throw new GroupUndoFailed(outcomes, failure);
+  return outcomes;
+}
+
+/**
+ * The group's work or its undo failed after some VMs may already have a committed restore point: those keep
+ * it (the failure becomes their warning); the caller must still remove what the group left (hunter's path).
+ */
+export class GroupUndoFailed extends SnapshiftError {
+  constructor(
+    readonly outcomes: readonly GroupTaskOutcome[],
+    cause: unknown,
+  ) {
+    super('STORAGE_GROUP_UNDO_FAILED', messageOf(cause), { cause });
+  }
+}
+
+async function backupGroup(input: StorageGroupInput, cleanup: CleanupStack, outcomes: GroupTaskOutcome[]): Promise<void> {
   const started = performance.now();
   const tag = input.sessionId.slice(0, 8);
   const systems = input.systems ?? storageSystems();
-  await using cleanup = new CleanupStack();
   const members: GroupMember[] = [];
-  const outcomes: GroupTaskOutcome[] = [];
 
   for (const record of input.hosts) {
     try {
@@ -103,6 +133,7 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
         },
       });
       const writer = await input.repository.startBackup({ vmName: record.name, baseRestorePointId: cbt.baseRestorePointId });
+      faultPoint('backup.after-writer-start');
       cleanup.defer(`abort unfinished restore point of ${record.name}`, async () => {
         if (!outcomes.some((outcome) => outcome.vmName === record.name && outcome.result)) {
           await writer.abort();
@@ -115,7 +146,7 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
       outcomes.push({ vmName: record.name, error: error as Error });
     }
   }
-  if (members.length === 0) return outcomes;
+  if (members.length === 0) return;
 
   // 1. VM snapshots of the whole group.
   for (const member of members) {
@@ -157,6 +188,7 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
         volumes: volumes.map((volume) => ({ kind: volume.kind, id: volume.id })),
         sessionTag: tag,
       });
+      faultPoint('storage-snapshot.after-ledger-intent');
       let snapshot: StorageSnapshot;
       try {
         snapshot = await system.snapshot(volumes, tag, images);
@@ -164,9 +196,12 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
         input.catalog.clearLedgerEntry(ledgerId);
         throw error;
       }
+      faultPoint('storage-snapshot.after-snapshot');
       storageSnapshots.push(snapshot);
       cleanup.defer(`remove the ${system.kind} storage snapshot`, async () => {
+        faultPoint('storage-snapshot.after-copy');
         await snapshot[Symbol.asyncDispose]();
+        faultPoint('storage-snapshot.after-removal');
         input.catalog.clearLedgerEntry(ledgerId);
       });
     }
@@ -232,6 +267,7 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
           (disk, index) => member.host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-${index}`, socketPath: join(input.runDir, `nbd-${socketSafe(member.record.name)}.sock`) }),
           copyOptions,
         );
+        faultPoint('copy.after-copy');
         member.vmSnapshotStats = await member.vmSnapshot!.commit();
       }
       const storageKinds = [...new Set(member.located.map((where) => where.system.kind))];
@@ -267,15 +303,16 @@ export async function backupGroupFromStorageSnapshots(input: StorageGroupInput):
         // The hunter keeps a retained CBT base only while a restore point here names it.
         stats: { ...stats, failoverReason, storageKinds, ...(useStorage ? { retainedSnapshots: member.rbdCbt.retainedLocations } : {}) },
       });
+      faultPoint('backup.after-catalog-record');
       outcomes.push({ vmName: member.record.name, result: { restorePoint, stats, recovered: [], failoverReason, storageKinds } });
       await member.cbt.finish(true);
+      faultPoint('cbt.after-finish');
       // Before the storage snapshot is removed: this run's RBD snapshot becomes the base of the next diff.
       if (useStorage) await member.rbdCbt.retain(storageSnapshots);
     } catch (error) {
       outcomes.push({ vmName: member.record.name, error: error as Error });
     }
   }
-  return outcomes;
 }
 
 /** Raised when a VM's disks are on storage no provider can snapshot: a reason to fail over. */

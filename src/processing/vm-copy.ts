@@ -4,6 +4,7 @@ import { regionBytes } from '../datamover/extent-map.ts';
 import { copyDisk } from '../datamover/disk-copier.ts';
 import { NbdDiskSource } from '../datamover/nbd-disk-source.ts';
 import { SnapshiftError } from '../core/errors.ts';
+import { faultPoint } from '../core/fault-points.ts';
 import type { DiskExport, VmDisk } from '../hypervisor/hypervisor.ts';
 import type { BackupWriter } from '../repository/index.ts';
 
@@ -41,6 +42,7 @@ export async function copyVmDisks(
     const plan = options.readPlans?.get(disk.name) ?? { kind: 'full' };
     const changedRegions = plan.kind === 'changed' ? await plan.source.changedRegions() : undefined;
     await using diskExport = await exportFor(disk, index);
+    faultPoint('copy.export-added');
     await using source = await NbdDiskSource.open(diskExport.socketPath, diskExport.exportName);
     if (source.sizeBytes !== disk.virtualSizeBytes) {
       throw new SnapshiftError('DISK_SIZE_MISMATCH', `disk ${disk.name}: the export is ${source.sizeBytes} bytes, QEMU says ${disk.virtualSizeBytes}`);
@@ -50,7 +52,10 @@ export async function copyVmDisks(
       readAhead: options.readAhead,
       maxReadBytesPerSecond: options.maxReadBytesPerSecond,
       signal: options.signal,
-      onProgress: (processed) => options.onProgress?.(doneBefore + processed),
+      onProgress: (processed) => {
+        faultPoint('copy.mid-copy');
+        options.onProgress?.(doneBefore + processed);
+      },
       changedRegions,
     });
     doneBefore += disk.virtualSizeBytes;

@@ -73,12 +73,16 @@ async function stopServer(qmp: QmpSession, socketPath: string): Promise<void> {
 }
 
 /**
- * Deletes the NBD exports a killed task of ours left in a QEMU process (ids `snapshift-…`): they hold the
- * base node and would block the commit of the overlay above it.
+ * Deletes the NBD exports a killed task of ours left in a QEMU process (ids `snapshift-<tag>-…`): they hold
+ * the base node and would block the commit of the overlay above it. Exports of tags `isLive` names belong to
+ * a running task and stay.
  */
-export async function removeLeftoverExports(qmp: QmpSession): Promise<string[]> {
+export async function removeLeftoverExports(qmp: QmpSession, isLive: (tag: string) => boolean = () => false): Promise<string[]> {
   const exports = await qmp.execute<Array<{ id: string }>>('query-block-exports');
-  const ours = exports.map((entry) => entry.id).filter((id) => id.startsWith('snapshift-'));
+  const ours = exports.map((entry) => entry.id).filter((id) => {
+    const tag = /^snapshift-([0-9a-f]{8})-/.exec(id)?.[1];
+    return tag !== undefined && !isLive(tag);
+  });
   for (const id of ours) {
     const deleted = qmp.waitForEvent('BLOCK_EXPORT_DELETED', (event) => event.data?.id === id, { timeoutMs: 30_000 });
     deleted.catch(() => undefined);

@@ -3,6 +3,8 @@ import { SnapshiftError } from '../../core/errors.ts';
 import type { VmDisk, VmSnapshot, VmSnapshotOverlay, VmSnapshotStats } from '../hypervisor.ts';
 import { nextOverlayPath } from './overlay-path.ts';
 import { commitOverlay } from './block-commit.ts';
+import { queryNamedBlockNodes } from './block-graph.ts';
+import { faultPoint, faultPointAfterIo } from '../../core/fault-points.ts';
 import { bitmapRotationActions, type BitmapRotation } from './dirty-bitmaps.ts';
 import type { QmpSession } from './qmp-session.ts';
 
@@ -53,13 +55,14 @@ export async function takeQemuVmSnapshot(qmp: QmpSession, disks: readonly VmDisk
   });
 
   const ledgerEntryId = options.ledger.recordIntent(overlays);
+  faultPoint('vm-snapshot.after-ledger-intent');
   let frozen = false;
   try {
     if (options.quiesce) {
       await options.quiesce.freeze();
       frozen = true;
     }
-    await qmp.execute('transaction', {
+    const transaction = qmp.execute('transaction', {
       actions: [
         ...bitmapRotationActions(options.dirtyBitmaps ?? []),
         ...overlays.map((overlay) => ({
@@ -68,15 +71,52 @@ export async function takeQemuVmSnapshot(qmp: QmpSession, disks: readonly VmDisk
         })),
       ],
     });
+    await faultPointAfterIo('vm-snapshot.transaction-sent');
+    await transaction;
+    faultPoint('vm-snapshot.after-transaction');
   } catch (error) {
-    // The transaction is all-or-nothing: no overlay is active, but QEMU may have created files.
-    await Promise.all(overlays.map((overlay) => rm(overlay.overlayPath, { force: true })));
-    options.ledger.clear(ledgerEntryId);
-    throw new SnapshiftError('VM_SNAPSHOT_FAILED', `could not take the VM snapshot: ${(error as Error).message}`, { cause: error });
+    await undoFailedTransaction(qmp, overlays, options.ledger, ledgerEntryId, error);
   } finally {
     if (frozen) await options.quiesce!.thaw();
   }
   return new QemuVmSnapshot(qmp, overlays, options.ledger, ledgerEntryId);
+}
+
+/**
+ * After the snapshot transaction failed, finds out what QEMU actually did before touching anything. A
+ * refused transaction (QEMU answered with an error) changed nothing: it is all-or-nothing, so the overlay
+ * files QEMU may have created are unused and go, with the ledger row. A transaction that timed out or whose
+ * connection broke may have been carried out: the block graph says. Overlays that became active are
+ * committed at once (they may already hold guest writes); if QEMU cannot be asked, files and ledger row stay
+ * for the hunter. Always throws.
+ */
+async function undoFailedTransaction(qmp: QmpSession, overlays: readonly VmSnapshotOverlay[], ledger: SnapshotLedger, ledgerEntryId: number, error: unknown): Promise<never> {
+  const why = (error as Error).message;
+  const refusedByQemu = error instanceof SnapshiftError && error.code === 'QMP_COMMAND_FAILED';
+  let active: VmSnapshotOverlay[];
+  try {
+    const inGraph = new Set((await queryNamedBlockNodes(qmp)).map((node) => node['node-name']));
+    active = overlays.filter((overlay) => inGraph.has(overlay.overlayNodeName));
+  } catch (queryError) {
+    if (!refusedByQemu) {
+      throw new SnapshiftError('VM_SNAPSHOT_FAILED', `could not take the VM snapshot (${why}), and QEMU cannot tell whether it did (${(queryError as Error).message}): its overlays and ledger row stay for "snapshift hunt"`, { cause: error });
+    }
+    active = [];
+  }
+  if (active.length === 0) {
+    await Promise.all(overlays.map((overlay) => rm(overlay.overlayPath, { force: true })));
+    ledger.clear(ledgerEntryId);
+    throw new SnapshiftError('VM_SNAPSHOT_FAILED', `could not take the VM snapshot: ${why}`, { cause: error });
+  }
+  // QEMU took the snapshot although we did not hear back: undo it as a commit would.
+  const failures: string[] = [];
+  for (const overlay of active) await commitOverlay(qmp, overlay).catch((commitError: unknown) => failures.push((commitError as Error).message));
+  if (failures.length > 0) {
+    throw new SnapshiftError('VM_SNAPSHOT_FAILED', `the VM snapshot timed out (${why}) but QEMU had taken it, and committing it failed (${failures[0]}): run "snapshift hunt"`, { cause: error });
+  }
+  await Promise.all(overlays.map((overlay) => rm(overlay.overlayPath, { force: true })));
+  ledger.clear(ledgerEntryId);
+  throw new SnapshiftError('VM_SNAPSHOT_FAILED', `the VM snapshot did not answer in time (${why}); QEMU had taken it, so it was committed at once`, { cause: error });
 }
 
 class QemuVmSnapshot implements VmSnapshot {
@@ -115,6 +155,7 @@ class QemuVmSnapshot implements VmSnapshot {
       }
     }
     const commitMs = performance.now() - commitStartedAt;
+    if (failures.length === 0) faultPoint('vm-snapshot.after-commit');
     if (failures.length > 0) {
       throw new SnapshiftError('VM_SNAPSHOT_COMMIT_FAILED', `could not commit the VM snapshot (run "snapshift hunt" to retry): ${(failures[0] as Error).message}`, {
         cause: failures[0],
