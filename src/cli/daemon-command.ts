@@ -6,6 +6,7 @@ import type { Command } from 'commander';
 import pino from 'pino';
 import { InstanceLock } from '../jobs/instance-lock.ts';
 import { runJob } from '../jobs/job-runner.ts';
+import { faultPoint } from '../core/fault-points.ts';
 import { Scheduler } from '../jobs/scheduler.ts';
 import { homeOf, openCatalog } from './context.ts';
 import { passwordFor } from './job-commands.ts';
@@ -33,7 +34,10 @@ export function registerDaemonCommand(program: Command): void {
       const scheduler = new Scheduler({
         catalog,
         logger,
-        run: async (job) => runJob(job, { catalog, home, password: await passwordFor(job), signal: controller.signal }),
+        run: async (job) => {
+          faultPoint('daemon.after-job-start');
+          return runJob(job, { catalog, home, password: await passwordFor(job), signal: controller.signal });
+        },
       });
       scheduler.start();
       logger.info({ home }, `snapshift daemon started (pid ${process.pid}), ${catalog.jobs.listJobs().filter((job) => job.definition.schedule).length} scheduled job(s)`);

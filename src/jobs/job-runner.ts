@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
 import { SessionState, type Catalog, type HostRecord } from '../catalog/index.ts';
 import { messageOf } from '../core/errors.ts';
+import { faultPoint } from '../core/fault-points.ts';
 import { runBackup } from '../processing/backup-run.ts';
 import type { TaskProgress } from '../processing/regular-mode.ts';
 import type { TaskStats } from '../processing/task-stats.ts';
@@ -42,6 +43,7 @@ export async function runJob(job: JobDefinition, context: JobRunContext): Promis
   const started = performance.now();
   markCrashedSessions(catalog);
   catalog.jobs.startSession(sessionId, job.name);
+  faultPoint('job.after-session-start');
   const tasks: JobRunResult['tasks'] = [];
   let storageSnapshots = 0;
   let repository: Repository | undefined;
@@ -112,6 +114,7 @@ export async function runJob(job: JobDefinition, context: JobRunContext): Promis
   );
   try {
     if (repository && (state === SessionState.success || state === SessionState.warning) && Object.keys(job.retention).length > 0) {
+      faultPoint('job.before-retention');
       summary.retention = { forgotten: await applyJobRetention(job, repository, catalog) };
     }
   } finally {

@@ -1,0 +1,128 @@
+import { randomBytes as cryptoRandomBytes } from 'node:crypto';
+import { NbdClient } from '../../src/datamover/nbd/index.ts';
+import { randomBytes as seededBytes } from '../../src/lab/nbd-writer.ts';
+
+/**
+ * A guest that writes at a steady rate, and the means to prove any image is a point in time of it.
+ *
+ * Write n (n = 1, 2, …) fills block (n-1) mod K of a region with bytes derived from n, its first 8 bytes
+ * being n itself. Writes are sequential (one in flight), so a crash-consistent snapshot holds exactly the
+ * writes 1..S for some cut S: `cutOf` reads S back from an image and `expectedAt(S)` rebuilds the whole image
+ * the guest had then, to compare byte for byte.
+ */
+export class SteadyWriter {
+  readonly blockBytes = 64 * 1024;
+  readonly blockCount: number;
+  /** The last write that completed. */
+  completed = 0;
+  readonly errors: Error[] = [];
+  #running = false;
+  #loop: Promise<void> | undefined;
+  #nbd: NbdClient | undefined;
+
+  private constructor(
+    readonly initialImage: Buffer,
+    readonly regionOffsetBytes: number,
+    regionBytes: number,
+    readonly intervalMs: number,
+    private readonly connect: () => Promise<NbdClient>,
+  ) {
+    this.blockCount = regionBytes / this.blockBytes;
+  }
+
+  /**
+   * Writes random data to `dataRanges` of a fresh disk through `connect` (the region stays zero), and returns
+   * a writer that knows the disk's content; call `start` to begin writing.
+   */
+  static async prepare(options: {
+    connect: () => Promise<NbdClient>;
+    sizeBytes: number;
+    dataRanges: Array<[offsetBytes: number, lengthBytes: number]>;
+    regionOffsetBytes: number;
+    regionBytes: number;
+    intervalMs: number;
+  }): Promise<SteadyWriter> {
+    const image = Buffer.alloc(options.sizeBytes);
+    await using nbd = await options.connect();
+    for (const [offset, length] of options.dataRanges) {
+      const data = cryptoRandomBytes(length);
+      data.copy(image, offset);
+      await nbd.write(offset, data);
+    }
+    await nbd.flush();
+    return new SteadyWriter(image, options.regionOffsetBytes, options.regionBytes, options.intervalMs, options.connect);
+  }
+
+  blockData(n: number): Buffer {
+    const data = seededBytes(n, 0, this.blockBytes);
+    data.writeBigUInt64LE(BigInt(n), 0);
+    return data;
+  }
+
+  offsetOf(n: number): number {
+    return this.regionOffsetBytes + ((n - 1) % this.blockCount) * this.blockBytes;
+  }
+
+  start(): void {
+    if (this.#running) return;
+    this.#running = true;
+    this.#loop = (async () => {
+      this.#nbd = await this.connect();
+      while (this.#running) {
+        const n = this.completed + 1;
+        try {
+          await this.#nbd.write(this.offsetOf(n), this.blockData(n));
+          this.completed = n;
+        } catch (error) {
+          this.errors.push(error as Error);
+          this.#running = false;
+          break;
+        }
+        await new Promise((resolve) => setTimeout(resolve, this.intervalMs));
+      }
+      await this.#nbd.close().catch(() => undefined);
+      this.#nbd = undefined;
+    })().catch((error: unknown) => {
+      this.errors.push(error as Error);
+    });
+  }
+
+  /** Stops after the write in flight; returns the last completed write. */
+  async stop(): Promise<number> {
+    this.#running = false;
+    await this.#loop;
+    return this.completed;
+  }
+
+  /** The cut of an image: the highest write number found in the region (0 if none). */
+  cutOf(image: Buffer): number {
+    let cut = 0;
+    for (let block = 0; block < this.blockCount; block++) {
+      const n = Number(image.readBigUInt64LE(this.regionOffsetBytes + block * this.blockBytes));
+      if (n > cut) cut = n;
+    }
+    return cut;
+  }
+
+  /** The guest's whole disk right after write `cut` completed. */
+  expectedAt(cut: number): Buffer {
+    const image = Buffer.from(this.initialImage);
+    for (let block = 0; block < this.blockCount; block++) {
+      if (cut < block + 1) continue;
+      const n = block + 1 + this.blockCount * Math.floor((cut - block - 1) / this.blockCount);
+      this.blockData(n).copy(image, this.regionOffsetBytes + block * this.blockBytes);
+    }
+    return image;
+  }
+
+  /** Where two images first differ, for a readable failure; undefined when equal. */
+  static firstDifference(actual: Buffer, expected: Buffer): number | undefined {
+    if (actual.equals(expected)) return undefined;
+    const length = Math.min(actual.length, expected.length);
+    const step = 4096;
+    for (let at = 0; at < length; at += step) {
+      if (actual.compare(expected, at, Math.min(at + step, length), at, Math.min(at + step, length)) !== 0) return at;
+    }
+    return length;
+  }
+}
