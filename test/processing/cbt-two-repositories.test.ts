@@ -225,17 +225,64 @@ describe('changed-block tracking with two repositories for one VM (local + offsi
     assertIncremental(incrementalB, 'incremental B');
     await assertRestoresTo(offsite, incrementalB.outcome, incrementalB.reference, 'incremental B');
   });
+
+  test('a restore point naming another repository\'s bitmap, or a bitmap in use: a full read with the reason, and the bitmap is left alone', async () => {
+    const { daemon, imagePath } = await makeVm('guards');
+    const local = target('A (local)', bed.repository);
+    const remote = target('B (offsite)', offsite);
+    await backup('guards', imagePath, local);
+    await backup('guards', imagePath, remote);
+
+    // A's latest restore point, as if copied from B: it names B's bitmap, which A must neither use nor rotate.
+    const bitmapA = await recordedBitmap(bed.repository, 'guards');
+    const bitmapB = await recordedBitmap(offsite, 'guards');
+    await write(daemon, 3 * MiB, 64 * KiB);
+    const copied = await backup('guards', imagePath, local, withRenamedBitmap(bed.repository, bitmapA, bitmapB));
+    assert.match(diskStats(copied.outcome).fallbackReason ?? '', /belongs to another repository's chain/);
+    await assertRestoresTo(bed.repository, copied.outcome, copied.reference, 'A read in full');
+    await assertOneBitmapPerRepository(daemon, 'guards', [bed.repository, offsite]);
+
+    // A's bitmap exported by someone else (busy): QEMU would refuse to remove it; the backup reads in full and goes on.
+    const busyBitmap = await recordedBitmap(bed.repository, 'guards');
+    {
+      await using qmp = await QmpClient.connect(daemon.qmpSocketPath);
+      await qmp.execute('block-export-add', { type: 'nbd', id: 'busy-export', 'node-name': 'disk0', name: 'busy', writable: true, bitmaps: [busyBitmap] });
+      assert.ok((await listDirtyBitmaps(qmp, 'disk0')).find((bitmap) => bitmap.name === busyBitmap)?.busy, 'exporting a bitmap makes it busy');
+    }
+    await write(daemon, 4 * MiB, 64 * KiB);
+    const whileBusy = await backup('guards', imagePath, local);
+    assert.match(diskStats(whileBusy.outcome).fallbackReason ?? '', /is in use by another job/);
+    await assertRestoresTo(bed.repository, whileBusy.outcome, whileBusy.reference, 'A read in full while its bitmap was busy');
+    assert.ok((await bitmapsOf(daemon)).some((bitmap) => bitmap.name === busyBitmap), 'the busy bitmap is left in place');
+    {
+      await using qmp = await QmpClient.connect(daemon.qmpSocketPath);
+      const deleted = qmp.waitForEvent('BLOCK_EXPORT_DELETED', (event) => event.data?.id === 'busy-export', { timeoutMs: 10_000 });
+      await qmp.execute('block-export-del', { id: 'busy-export' });
+      await deleted;
+    }
+    await write(daemon, 5 * MiB, 64 * KiB);
+    const afterwards = await backup('guards', imagePath, local);
+    assertIncremental(afterwards, 'A once the export is gone');
+    await assertOneBitmapPerRepository(daemon, 'guards', [bed.repository, offsite]);
+
+    await write(daemon, 6 * MiB, 64 * KiB);
+    const incrementalB = await backup('guards', imagePath, remote);
+    assertIncremental(incrementalB, 'B after all that');
+    assert.equal(incrementalB.expectedChangedBytes, 4 * MiB);
+    await assertRestoresTo(offsite, incrementalB.outcome, incrementalB.reference, 'incremental B');
+  });
 });
 
 /**
- * `repository` as a backup sees it, except that its restore points name `legacyName` where they name
- * `bitmap`: what manifests written by an earlier version (bitmaps named `snapshift-<tag>`) look like.
+ * `repository` as a backup sees it, except that its restore points name `otherName` where they name
+ * `bitmap`: what manifests written by an earlier version (bitmaps named `snapshift-<tag>`), or copied from
+ * another repository, look like.
  */
-function withRenamedBitmap(repository: Repository, bitmap: string, legacyName: string): Repository {
+function withRenamedBitmap(repository: Repository, bitmap: string, otherName: string): Repository {
   const rename = (summary: RestorePointSummary): RestorePointSummary => {
     const record = cbtRecordOf(summary);
     if (!record) return summary;
-    const disks = Object.fromEntries(Object.entries(record.disks).map(([name, disk]) => [name, disk.bitmap === bitmap ? { ...disk, bitmap: legacyName } : disk]));
+    const disks = Object.fromEntries(Object.entries(record.disks).map(([name, disk]) => [name, disk.bitmap === bitmap ? { ...disk, bitmap: otherName } : disk]));
     return { ...summary, extra: { ...summary.extra, cbt: { disks } } };
   };
   return new Proxy(repository, {
