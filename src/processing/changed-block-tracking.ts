@@ -74,7 +74,7 @@ export async function planChangedBlocks(input: PlanCbtInput): Promise<VmCbtPlan>
   const newBitmap = bitmapNameFor(chainKey, input.tag);
   // Earlier versions named bitmaps without a repository: this repository adopts the one its latest restore
   // point names, and removes the others (docs/CBT.md, "Bitmaps named by earlier versions").
-  const isThisRepositorys = (name: string): boolean => {
+  const isOwnBitmap = (name: string): boolean => {
     const owner = bitmapOwnerOf(name);
     return owner.kind === 'legacy' || (owner.kind === 'chain' && owner.chainKey === chainKey);
   };
@@ -84,14 +84,14 @@ export async function planChangedBlocks(input: PlanCbtInput): Promise<VmCbtPlan>
 
   for (const [index, disk] of input.disks.entries()) {
     const recorded = previous?.disks[disk.name];
-    const recordedHere = recorded !== undefined && isThisRepositorys(recorded.bitmap);
+    const recordedHere = recorded !== undefined && isOwnBitmap(recorded.bitmap);
     const bitmaps = await listDirtyBitmaps(input.qmp, disk.nodeName);
     const existing = recordedHere ? bitmaps.find((bitmap) => bitmap.name === recorded.bitmap) : undefined;
     // The previous restore point's bitmap can be frozen (and later dropped or restored) if it is sound.
     const freezable = existing !== undefined && !existing.inconsistent && existing.recording && !existing.busy;
     for (const bitmap of bitmaps) {
       // A busy bitmap is in use (exported by a live task): QEMU refuses to remove it, and a later backup will.
-      if (isThisRepositorys(bitmap.name) && !bitmap.busy && !(freezable && bitmap.name === existing.name)) await removeDirtyBitmap(input.qmp, disk.nodeName, bitmap.name);
+      if (isOwnBitmap(bitmap.name) && !bitmap.busy && !(freezable && bitmap.name === existing.name)) await removeDirtyBitmap(input.qmp, disk.nodeName, bitmap.name);
     }
 
     let fallbackReason: string | undefined;
