@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { messageOf } from '../core/errors.ts';
 import { perDiskRecordOf, type ChangedBlockSource, type DiskReadPlan } from '../datamover/changed-blocks.ts';
 import type { Region } from '../datamover/extent-map.ts';
@@ -5,7 +6,7 @@ import { NbdDiskSource } from '../datamover/nbd-disk-source.ts';
 import type { DiskExport, VmDisk } from '../hypervisor/hypervisor.ts';
 import {
   bitmapNameFor,
-  bitmapPrefix,
+  bitmapOwnerOf,
   listDirtyBitmaps,
   removeDirtyBitmap,
   revertBitmapRotation,
@@ -53,7 +54,7 @@ export interface PlanCbtInput {
   vmName: string;
   disks: readonly VmDisk[];
   repository: Repository;
-  /** Session tag: the new bitmaps are `snapshift-<tag>`. */
+  /** Session tag: the new bitmaps are `snapshift-<repository's chain key>-<tag>`. */
   tag: string;
   /** Read every disk in full even where the bitmap is good (`backup --full`); new bitmaps still start. */
   full?: boolean;
@@ -62,30 +63,41 @@ export interface PlanCbtInput {
 
 /**
  * Plans CBT for a VM. Must run before the VM snapshot (its rotations go into that transaction) and before
- * the repository writer starts (it names the base restore point). Bitmaps of ours that no restore point
- * can use (left by interrupted tasks, inconsistent, stopped) are removed here.
+ * the repository writer starts (it names the base restore point). This repository's bitmaps that its
+ * latest restore point cannot use (left by interrupted tasks, inconsistent, stopped), and bitmaps named by
+ * earlier versions that it does not adopt, are removed here; other repositories' bitmaps are never touched.
  */
 export async function planChangedBlocks(input: PlanCbtInput): Promise<VmCbtPlan> {
   const latest = (await input.repository.listRestorePoints(input.vmName)).at(-1);
   const previous = latest ? cbtRecordOf(latest) : undefined;
-  const newBitmap = bitmapNameFor(input.tag);
+  const chainKey = bitmapChainKeyOf(input.repository);
+  const newBitmap = bitmapNameFor(chainKey, input.tag);
+  // Earlier versions named bitmaps without a repository: this repository adopts the one its latest restore
+  // point names, and removes the others (docs/CBT.md, "Bitmaps named by earlier versions").
+  const isOwnBitmap = (name: string): boolean => {
+    const owner = bitmapOwnerOf(name);
+    return owner.kind === 'legacy' || (owner.kind === 'chain' && owner.chainKey === chainKey);
+  };
   const rotations: BitmapRotation[] = [];
   const readPlans = new Map<string, DiskReadPlan>();
   const record: CbtRecord = { disks: {} };
 
   for (const [index, disk] of input.disks.entries()) {
     const recorded = previous?.disks[disk.name];
+    const recordedHere = recorded !== undefined && isOwnBitmap(recorded.bitmap);
     const bitmaps = await listDirtyBitmaps(input.qmp, disk.nodeName);
-    const existing = recorded ? bitmaps.find((bitmap) => bitmap.name === recorded.bitmap) : undefined;
+    const existing = recordedHere ? bitmaps.find((bitmap) => bitmap.name === recorded.bitmap) : undefined;
     // The previous restore point's bitmap can be frozen (and later dropped or restored) if it is sound.
     const freezable = existing !== undefined && !existing.inconsistent && existing.recording && !existing.busy;
     for (const bitmap of bitmaps) {
-      if (bitmap.name.startsWith(bitmapPrefix) && !(freezable && bitmap.name === existing.name)) await removeDirtyBitmap(input.qmp, disk.nodeName, bitmap.name);
+      // A busy bitmap is in use (exported by a live task): QEMU refuses to remove it, and a later backup will.
+      if (isOwnBitmap(bitmap.name) && !bitmap.busy && !(freezable && bitmap.name === existing.name)) await removeDirtyBitmap(input.qmp, disk.nodeName, bitmap.name);
     }
 
     let fallbackReason: string | undefined;
     if (!latest) fallbackReason = undefined; // the first backup of the VM: a full read, nothing to explain
     else if (!recorded) fallbackReason = `the previous restore point ${latest.id.slice(0, 12)} has no changed-block record for disk ${disk.name}`;
+    else if (!recordedHere) fallbackReason = `dirty bitmap ${recorded.bitmap} of disk ${disk.name} belongs to another repository's chain (was restore point ${latest.id.slice(0, 12)} copied from another repository?)`;
     else if (!existing) fallbackReason = `dirty bitmap ${recorded.bitmap} is gone from disk ${disk.name} (QEMU restarted with a raw disk, or it was removed by hand)`;
     else if (existing.inconsistent) fallbackReason = `dirty bitmap ${recorded.bitmap} of disk ${disk.name} is inconsistent (QEMU was not shut down cleanly)`;
     else if (!existing.recording) fallbackReason = `dirty bitmap ${recorded.bitmap} of disk ${disk.name} had stopped recording (an earlier backup was interrupted)`;
@@ -130,6 +142,16 @@ export async function planChangedBlocks(input: PlanCbtInput): Promise<VmCbtPlan>
       if (failures.length > 0) process.emitWarning(`snapshift: dirty bitmaps of ${input.vmName} not cleaned up: ${messageOf(failures[0])}`);
     },
   };
+}
+
+/**
+ * The chain key in the names of `repository`'s bitmaps: the first 16 hex digits of its config id (128 random
+ * bits, docs/FORMAT.md § config), so each repository's chain has its own bitmap on every disk.
+ */
+export function bitmapChainKeyOf(repository: Repository): string {
+  const id = repository.config.id.toLowerCase();
+  // snapshift writes 32 hex digits; a config id of another shape (edited by hand) still gets a stable key.
+  return /^[0-9a-f]{16}/.test(id) ? id.slice(0, 16) : createHash('sha256').update(id).digest('hex').slice(0, 16);
 }
 
 /** The CBT record of a restore point, if it has a well-formed one. */

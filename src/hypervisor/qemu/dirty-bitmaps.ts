@@ -15,11 +15,26 @@ export interface DirtyBitmapInfo {
   busy: boolean;
 }
 
-/** Our bitmaps are named `snapshift-<session tag>`; nothing else on a node is ever touched. */
-export const bitmapPrefix = 'snapshift-';
+/**
+ * Our bitmaps are named `snapshift-<chain>-<session tag>`, where `chain` (16 hex digits) names the chain of
+ * restore points the bitmap serves, so several chains of one disk never touch each other's bitmaps
+ * (docs/CBT.md). Bitmaps named by earlier versions, `snapshift-<session tag>`, belong to no chain.
+ * Nothing without our prefix is ever touched.
+ */
+const bitmapPrefix = 'snapshift-';
+const chainBitmapPattern = /^snapshift-([0-9a-f]{16})-/;
 
-export function bitmapNameFor(tag: string): string {
-  return `${bitmapPrefix}${tag}`;
+export function bitmapNameFor(chainKey: string, tag: string): string {
+  return `${bitmapPrefix}${chainKey}-${tag}`;
+}
+
+/** Whose a bitmap is: a chain's, ours from an earlier version (`legacy`, no chain), or not ours at all. */
+export type BitmapOwner = { kind: 'chain'; chainKey: string } | { kind: 'legacy' } | { kind: 'foreign' };
+
+export function bitmapOwnerOf(name: string): BitmapOwner {
+  const chainKey = chainBitmapPattern.exec(name)?.[1];
+  if (chainKey !== undefined) return { kind: 'chain', chainKey };
+  return name.startsWith(bitmapPrefix) ? { kind: 'legacy' } : { kind: 'foreign' };
 }
 
 /**
