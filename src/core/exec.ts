@@ -13,15 +13,16 @@ export interface ExecResult {
 export async function exec(
   program: string,
   args: readonly string[],
-  options: { timeoutMs?: number; input?: string | Buffer; code?: string; cwd?: string } = {},
+  options: { timeoutMs?: number; input?: string | Buffer; code?: string; cwd?: string; /** Ends the program (SIGTERM) when aborted. */ signal?: AbortSignal } = {},
 ): Promise<ExecResult> {
   return new Promise((resolve, reject) => {
     const child = execFile(
       program,
       args,
-      { timeout: options.timeoutMs ?? 120_000, maxBuffer: 64 * 1024 * 1024, encoding: 'utf8', cwd: options.cwd },
+      { timeout: options.timeoutMs ?? 120_000, maxBuffer: 64 * 1024 * 1024, encoding: 'utf8', cwd: options.cwd, signal: options.signal },
       (error, stdout, stderr) => {
         if (!error) return resolve({ stdout, stderr });
+        if (options.signal?.aborted) return reject(options.signal.reason as Error);
         const detail = lastLine(stderr) || lastLine(stdout) || error.message;
         const missing = (error as NodeJS.ErrnoException).code === 'ENOENT';
         reject(

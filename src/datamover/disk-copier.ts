@@ -1,3 +1,4 @@
+import { abortable } from '../core/abortable.ts';
 import type { DiskWriter } from '../repository/index.ts';
 import { TokenBucket } from '../core/token-bucket.ts';
 import { BusyClock } from './busy-clock.ts';
@@ -92,7 +93,8 @@ export async function copyDisk(source: DiskSource, writer: DiskWriter, options: 
       const run = zeroRuns[zeroRunIndex++]!;
       await putZero(run.offset, run.length);
     }
-    const data = await window.shift()!;
+    // A hung source (or a long throttle wait) must not hold a stop back: the read is abandoned, its connection closed by its owner.
+    const data = await abortable(window.shift()!, options.signal);
     const chunk = reads[index]!;
     stats.bytesRead += data.length;
     const waitStarted = performance.now();
