@@ -316,5 +316,21 @@ describe('crash safety: SIGKILL at every fault point', () => {
         await assertNoWriteLost(vm);
       });
     }
+
+    for (const point of ['daemon.after-job-start', 'commit.ready'] as const) {
+      test(`the daemon killed at ${point} of a scheduled run: nothing is left, the session ends Failed`, { skip: !everyPoint && point !== 'commit.ready' ? 'in npm run test:faults' : false }, async () => {
+        await succeeds(['job', 'create', 'scheduled', '--vm', vmName, '--repo', repoPath(), '--mode', 'storage-snapshot', '--schedule', '*/2 * * * * *']);
+        try {
+          await killedAt(['daemon'], point);
+        } finally {
+          await succeeds(['job', 'delete', 'scheduled']);
+        }
+        await recoverAndProve(vm, vmName, 'storage-snapshot', lab().datastore('btrfs').mountPoint);
+        const sessions = JSON.parse(await succeeds(['session', 'list', '--job', 'scheduled', '--json'])) as Array<{ state: string }>;
+        // Killed before its run began (daemon.after-job-start) there is no session; one begun ends Failed.
+        assert.ok(sessions.every((session) => session.state === 'Failed'), JSON.stringify(sessions));
+        if (point === 'commit.ready') assert.ok(sessions.length >= 1, 'the run killed mid-commit has its session');
+      });
+    }
   });
 });
