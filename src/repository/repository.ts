@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, stat, writeFile, rename, open } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { SnapshiftError } from '../core/errors.ts';
+import { faultPoint } from '../core/fault-points.ts';
 import { LocalBackend } from './backend/local-backend.ts';
 import { RateLimitedBackend } from './backend/rate-limited-backend.ts';
 import type { StorageBackend } from './backend/storage-backend.ts';
@@ -108,6 +109,15 @@ async function unlock(backend: StorageBackend, password: string): Promise<Reposi
   throw new SnapshiftError('REPO_BAD_PASSWORD', `wrong password for repository ${backend.location} (no key slot opened)`);
 }
 
+/** A sealed pack and its blobs, as an index file lists them. */
+export interface SealedPack {
+  packId: string;
+  blobs: BlobEntry[];
+}
+
+/** Packs per index file a writer writes (docs/FORMAT.md § Index files). */
+const packsPerIndexFile = 16;
+
 /** One open repository. Methods marked "internal" serve check, forget and gc. */
 export class Repository implements AsyncDisposable {
   /** internal: the in-memory index and the packs its packNo values name. */
@@ -119,6 +129,16 @@ export class Repository implements AsyncDisposable {
   damagedIndexFiles: Array<{ name: string; reason: string }> = [];
   #indexStale = false;
   #pool: BlobWorkerPool | undefined;
+  /**
+   * Packs sealed by any writer of this process that no finished index file lists yet. They are in the
+   * in-memory index at once, so another writer may dedup against them: its manifest must then wait until
+   * they are in an index file (`flushIndex`), whoever sealed them.
+   */
+  readonly #unindexedPacks: SealedPack[] = [];
+  /** Packs of the index write in flight. */
+  readonly #indexingPacks = new Set<SealedPack>();
+  /** Index writes of writers run one at a time, in order: awaiting the last one awaits them all. */
+  #indexWrites: Promise<void> = Promise.resolve();
 
   constructor(
     readonly path: string,
@@ -176,6 +196,8 @@ export class Repository implements AsyncDisposable {
     this.packIds = [];
     this.packNoOf.clear();
     for (const content of contents) for (const pack of content.packs) this.addPack(pack.packId, pack.blobs);
+    // Packs writers of this process sealed but no index file lists yet stay known (a writer may dedup against them).
+    for (const pack of [...this.#indexingPacks, ...this.#unindexedPacks]) this.addPack(pack.packId, pack.blobs);
     if (damaged.length > 0) {
       for (const entry of await this.backend.list('data')) {
         const packId = entry.name.split('/').at(-1)!;
@@ -197,8 +219,43 @@ export class Repository implements AsyncDisposable {
     this.#indexStale = true;
   }
 
+  /**
+   * internal: a writer sealed a pack: it goes into the in-memory index at once (dedup) and joins the packs
+   * waiting for an index file. True when enough wait for an index file to be written now.
+   */
+  packSealed(packId: string, blobs: BlobEntry[]): boolean {
+    this.addPack(packId, blobs);
+    this.#unindexedPacks.push({ packId, blobs });
+    return this.#unindexedPacks.length >= packsPerIndexFile;
+  }
+
+  /**
+   * internal: writes index files for every pack sealed so far by any writer of this process, after any index
+   * write in flight. When it resolves, every pack the in-memory index got from a writer before the call is in
+   * an index file on disk: a manifest written after it names only indexed chunks.
+   */
+  flushIndex(): Promise<void> {
+    const step = this.#indexWrites.then(async () => {
+      while (this.#unindexedPacks.length > 0) {
+        const packs = this.#unindexedPacks.splice(0, packsPerIndexFile);
+        for (const pack of packs) this.#indexingPacks.add(pack);
+        try {
+          await this.writeIndexFile(packs);
+        } catch (error) {
+          this.#unindexedPacks.unshift(...packs); // the next flush tries again
+          throw error;
+        } finally {
+          for (const pack of packs) this.#indexingPacks.delete(pack);
+        }
+        faultPoint('repo.after-index-write');
+      }
+    });
+    this.#indexWrites = step.catch(() => undefined);
+    return step;
+  }
+
   /** internal: writes one index file for `packs`. */
-  async writeIndexFile(packs: Array<{ packId: string; blobs: BlobEntry[] }>): Promise<string> {
+  async writeIndexFile(packs: SealedPack[]): Promise<string> {
     const name = `index/${randomBytes(32).toString('hex')}`;
     await this.backend.put(name, encodeIndexFile(this.keys, { packs }));
     this.indexFiles.push(name);
