@@ -120,7 +120,7 @@ export function registerRepoCommands(program: Command): void {
         if (!(readDataPercent > 0 && readDataPercent <= 100)) throw new SnapshiftError('USAGE', `--read-data takes a percentage from 1 to 100, not "${String(opts.readData)}"`);
       }
       await using repository = await open(opts);
-      const report = await checkRepository(repository, { readDataPercent });
+      const report = await checkRepository(repository, { readDataPercent, onWarning: (message) => process.stderr.write(`snapshift: warning: ${message}\n`) });
       print(opts, report, () => [
         ...report.problems.map((p) => `error: ${p.message}`),
         ...report.warnings.map((w) => `warning: ${w}`),

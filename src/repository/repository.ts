@@ -12,7 +12,7 @@ import { decodeIndexFile, encodeIndexFile, packPath, readPackTrailer, type BlobE
 import { keysFromMaster, makeKeySlot, newMasterKey, openKeySlot, parseKeySlot, type RepositoryKeys } from './repository-keys.ts';
 import { checkChunkSize, defaultChunkSizeBytes, defaultPackTargetBytes, formatVersion, parseCompression, parseConfig, type RepositoryConfig } from './repository-config.ts';
 import { manifestPath, readManifestHeader, summaryOf, type RestorePointSummary } from './manifest.ts';
-import { RepositoryLock, type LockKind } from './repository-lock.ts';
+import { RepositoryLock, assertNotLocked, type LockKind } from './repository-lock.ts';
 import { BackupWriter } from './backup-writer.ts';
 import { RestorePointReader } from './restore-point-reader.ts';
 
@@ -139,6 +139,8 @@ export class Repository implements AsyncDisposable {
   readonly #indexingPacks = new Set<SealedPack>();
   /** Index writes of writers run one at a time, in order: awaiting the last one awaits them all. */
   #indexWrites: Promise<void> = Promise.resolve();
+  /** The shared lock readers of this Repository hold together (`lockForReading`). */
+  #readLock: { holders: number; acquired: Promise<RepositoryLock | undefined> } | undefined;
 
   constructor(
     readonly path: string,
@@ -267,14 +269,70 @@ export class Repository implements AsyncDisposable {
     return RepositoryLock.acquire(this.backend, kind, purpose);
   }
 
+  /**
+   * A shared lock for reading restore points (restore, check), so gc cannot delete packs under the reader.
+   * Reentrant: readers of this Repository share one lock file, released when the last of them is. Where no
+   * lock can be written (a read-only repository), reading goes on without one: `onWarning` hears it once,
+   * and a live exclusive lock still refuses. The index is reloaded if gc ran since it was loaded.
+   */
+  async lockForReading(purpose: string, onWarning?: (message: string) => void): Promise<AsyncDisposable & { release(): Promise<void> }> {
+    if (!this.#readLock) {
+      const shared = { holders: 0, acquired: this.#acquireReadLock(purpose, onWarning) };
+      this.#readLock = shared;
+      shared.acquired.catch(() => {
+        if (this.#readLock === shared) this.#readLock = undefined;
+      });
+    }
+    const shared = this.#readLock;
+    shared.holders++;
+    try {
+      await shared.acquired;
+    } catch (error) {
+      shared.holders--;
+      throw error;
+    }
+    let released = false;
+    const release = async (): Promise<void> => {
+      if (released) return;
+      released = true;
+      if (--shared.holders > 0) return;
+      if (this.#readLock === shared) this.#readLock = undefined;
+      await (await shared.acquired)?.release();
+    };
+    return { release, [Symbol.asyncDispose]: release };
+  }
+
+  async #acquireReadLock(purpose: string, onWarning: ((message: string) => void) | undefined): Promise<RepositoryLock | undefined> {
+    let lock: RepositoryLock | undefined;
+    try {
+      lock = await this.lock('shared', purpose);
+    } catch (error) {
+      const why = readOnlyReason(error);
+      if (why === undefined) throw error;
+      await assertNotLocked(this.backend, 'shared');
+      onWarning?.(`repository ${this.path} cannot be locked (${why}): reading it without a lock`);
+    }
+    try {
+      await this.#reloadIndexIfChanged();
+    } catch (error) {
+      await lock?.release();
+      throw error;
+    }
+    return lock;
+  }
+
+  /** Another process may have run gc or repair-index since we loaded: reload when the set of index files changed. */
+  async #reloadIndexIfChanged(): Promise<void> {
+    const current = (await this.backend.list('index')).map((e) => e.name).sort();
+    const known = new Set(this.indexFiles);
+    if (this.#indexStale || current.some((n) => !known.has(n)) || this.indexFiles.some((n) => !current.includes(n))) await this.loadIndex();
+  }
+
   /** Takes a shared lock until the writer commits or aborts. */
   async startBackup(opts: { vmName: string; baseRestorePointId?: string }): Promise<BackupWriter> {
     const lock = await this.lock('shared', `backup of ${opts.vmName}`);
     try {
-      // Another process may have run gc since we loaded: reload when the set of index files changed.
-      const current = (await this.backend.list('index')).map((e) => e.name).sort();
-      const known = new Set(this.indexFiles);
-      if (this.#indexStale || current.some((n) => !known.has(n)) || this.indexFiles.some((n) => !current.includes(n))) await this.loadIndex();
+      await this.#reloadIndexIfChanged();
       const base = opts.baseRestorePointId === undefined ? undefined : await this.openRestorePoint(opts.baseRestorePointId);
       return new BackupWriter(this, lock, opts.vmName, base);
     } catch (error) {
@@ -300,6 +358,11 @@ export class Repository implements AsyncDisposable {
   /** internal: ids of every manifest file. */
   async restorePointIds(): Promise<string[]> {
     return (await this.backend.list('manifests')).map((e) => e.name.split('/').at(-1)!).filter((n) => /^[0-9a-f]{32}$/.test(n));
+  }
+
+  /** True while the manifest of restore point `id` (a full id) exists. */
+  hasRestorePoint(id: string): Promise<boolean> {
+    return this.backend.exists(manifestPath(id));
   }
 
   /** Opens a restore point by id or unique id prefix. */
@@ -328,6 +391,15 @@ export class Repository implements AsyncDisposable {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
   }
+}
+
+/** Why a lock file could not be written if the repository is read-only (to us), else undefined. */
+function readOnlyReason(error: unknown): string | undefined {
+  const errno = (error instanceof SnapshiftError ? error.cause : error) as NodeJS.ErrnoException | undefined;
+  if (error instanceof SnapshiftError && error.code === 'REPO_READ_ONLY') return 'read-only file system';
+  if (errno?.code === 'EROFS') return 'read-only file system';
+  if (errno?.code === 'EACCES' || errno?.code === 'EPERM') return 'no write permission';
+  return undefined;
 }
 
 export { manifestPath };
