@@ -18,7 +18,7 @@ export function registerRestoreCommand(program: Command): void {
       .command('restore')
       .description('restore the disks of a VM from a restore point to files; Ctrl-C or SIGTERM stops it and removes the partial file')
       .argument('<vm>', 'VM name')
-      .requiredOption('--to <path>', 'target file (one disk) or folder (several disks, or with --all-disks)')
+      .requiredOption('--to <path>', 'target file (one disk) or folder (several disks)')
       .option('--point <id>', 'restore point id or unique prefix, or "latest"', 'latest')
       .option('--disk <name>', 'restore only this disk')
       .option('--format <format>', 'qcow2 or raw', 'raw')

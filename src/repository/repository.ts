@@ -265,8 +265,16 @@ export class Repository implements AsyncDisposable {
   }
 
   /** internal: takes a repository lock. */
-  lock(kind: LockKind, purpose: string): Promise<RepositoryLock> {
-    return RepositoryLock.acquire(this.backend, kind, purpose);
+  async lock(kind: LockKind, purpose: string): Promise<RepositoryLock> {
+    const lock = await RepositoryLock.acquire(this.backend, kind, purpose);
+    if (kind === 'exclusive') {
+      // No writer of ours is active (each holds a shared lock): packs still waiting for an index file are
+      // those of writers that ended without writing it. They are garbage on disk like a crashed writer's,
+      // and must not be indexed later (gc may delete them now).
+      this.#unindexedPacks.length = 0;
+      this.#indexStale = true;
+    }
+    return lock;
   }
 
   /**
