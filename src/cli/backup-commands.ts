@@ -1,19 +1,17 @@
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
-import type { Catalog } from '../catalog/index.ts';
 import { ExitStatus, SnapshiftError } from '../core/errors.ts';
 import { runBackup, type BackupRunResult, type ProcessingMode } from '../processing/backup-run.ts';
 import type { TaskStats } from '../processing/task-stats.ts';
 import { huntOverlaysOnHosts, huntVmSnapshots } from '../processing/snapshot-hunter.ts';
 import { huntStorageSnapshots } from '../processing/storage-hunter.ts';
-import { restoreDisk, type RestoreFormat } from '../restore/disk-restore.ts';
 import { openCatalog, homeOf, printJson } from './context.ts';
 import { formatBytes, formatColumns, formatDuration, formatRatio, formatTable } from './format.ts';
 import { ProgressBar } from './progress.ts';
 import { stoppedExitStatus, withStopSignals } from './stop-signals.ts';
 import { openRepositoryForCli, repositoryOption, type RepositoryCliOptions } from './repository-access.ts';
 
-/** `snapshift backup`, `restore-points`, `restore`, `hunt`: the daily verbs. */
+/** `snapshift backup`, `restore-points`, `hunt`: the daily verbs (`restore` is in restore-command.ts). */
 export function registerBackupCommands(program: Command): void {
   repositoryOption(
     program
@@ -144,52 +142,6 @@ export function registerBackupCommands(program: Command): void {
       );
     });
 
-  repositoryOption(
-    program
-      .command('restore')
-      .description('restore the disks of a VM from a restore point to files')
-      .argument('<vm>', 'VM name')
-      .requiredOption('--to <path>', 'target file (one disk) or folder (several disks, or with --all-disks)')
-      .option('--point <id>', 'restore point id or unique prefix, or "latest"', 'latest')
-      .option('--disk <name>', 'restore only this disk')
-      .option('--format <format>', 'qcow2 or raw', 'raw')
-      .option('--force', 'overwrite existing files')
-      .option('--json', 'print the result as JSON')
-      .option('--quiet', 'no progress bar'),
-  )
-    .addHelpText('after', '\nExample:\n  snapshift restore vm1 --point latest --to /var/tmp/vm1.qcow2 --format qcow2')
-    .action(
-      async (
-        vmName: string,
-        options: RepositoryCliOptions & { to: string; point: string; disk?: string; format: string; force?: boolean; json?: boolean; quiet?: boolean },
-        command: Command,
-      ) => {
-        if (options.format !== 'raw' && options.format !== 'qcow2') throw new SnapshiftError('USAGE', `unknown format "${options.format}": use raw or qcow2`);
-        using catalog = openCatalog(command);
-        await using repository = await openRepositoryForCli(options, catalog, vmName);
-        const pointId = resolvePoint(catalog, vmName, options.point);
-        const reader = await repository.openRestorePoint(pointId);
-        if (reader.summary.vmName !== vmName) throw new SnapshiftError('USAGE', `restore point ${pointId} belongs to ${reader.summary.vmName}, not ${vmName}`);
-        const disks = options.disk ? [options.disk] : reader.summary.disks.map((disk) => disk.name);
-        const toFolder = disks.length > 1;
-        const restored: Array<{ disk: string; path: string; sizeBytes: number }> = [];
-        for (const disk of disks) {
-          const path = toFolder ? join(resolve(options.to), `${disk}.${options.format}`) : resolve(options.to);
-          const bar = new ProgressBar(!options.json && !options.quiet, `restore ${disk}`);
-          const result = await restoreDisk(reader, disk, path, {
-            format: options.format as RestoreFormat,
-            force: options.force ?? false,
-            chunkSizeBytes: repository.chunkSizeBytes,
-            onProgress: (done, total) => bar.update(done, total, 'restore'),
-          });
-          bar.stop();
-          restored.push({ disk, path, sizeBytes: result.sizeBytes });
-        }
-        if (options.json) return printJson({ restorePoint: reader.summary.id, restored });
-        for (const entry of restored) console.log(`restored ${vmName}/${entry.disk} (${formatBytes(entry.sizeBytes)}) from ${reader.summary.id} to ${entry.path}`);
-      },
-    );
-
   program
     .command('hunt')
     .description('find and remove VM snapshots that crashed or killed backups left behind')
@@ -213,13 +165,6 @@ export function registerBackupCommands(program: Command): void {
       for (const action of storageSnapshots) console.log(`${prefix}${action.action} ${action.kind} storage snapshot ${action.location} (${action.detail})`);
       if (leftInPlace > 0) console.error(`snapshift hunt: ${leftInPlace} leftover(s) could not be removed; see above`);
     });
-}
-
-function resolvePoint(catalog: Catalog, vmName: string, point: string): string {
-  if (point !== 'latest') return point;
-  const latest = catalog.listRestorePoints(vmName).at(-1);
-  if (!latest) throw new SnapshiftError('RESTORE_POINT_UNKNOWN', `no restore points for ${vmName} in the catalog`);
-  return latest.id;
 }
 
 /** The summary a backup prints: Veeam's figures plus what the VM snapshot cost the guest. */

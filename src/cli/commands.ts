@@ -6,6 +6,7 @@ import { registerHostCommands } from './host-commands.ts';
 import { registerJobCommands } from './job-commands.ts';
 import { registerLabCommands } from './lab-commands.ts';
 import { registerRepoCommands } from './repo-commands.ts';
+import { registerRestoreCommand } from './restore-command.ts';
 import { registerSessionCommands } from './session-commands.ts';
 import { registerStorageCommands } from './storage-commands.ts';
 
@@ -14,6 +15,7 @@ export function registerCommands(program: Command): void {
   registerRepoCommands(program);
   registerHostCommands(program);
   registerBackupCommands(program);
+  registerRestoreCommand(program);
   registerStorageCommands(program);
   registerJobCommands(program);
   registerSessionCommands(program);

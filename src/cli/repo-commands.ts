@@ -4,7 +4,7 @@ import { resolvePassword } from './password.ts';
 import { openRepositoryAt } from './repository-access.ts';
 import {
   addKey, applyRetention, checkRepository, collectGarbage, forgetRestorePoints, initRepository, listKeys,
-  removeKey, repositoryInfo, type Repository, type RetentionPolicy,
+  removeKey, repairIndex, repositoryInfo, type Repository, type RetentionPolicy,
 } from '../repository/index.ts';
 import { resolve } from 'node:path';
 
@@ -80,6 +80,17 @@ export function registerRepoCommands(program: Command): void {
     print(opts, points, () => points.map((p) => `${p.id.slice(0, 12)}  ${p.createdAt}  ${p.vmName}  ${p.disks.map((d) => `${d.name}:${mib(d.sizeBytes)}`).join(' ')}`));
   });
 
+  withRepo(repo.command('repair-index').description('rebuild the index from the pack trailers (exclusive lock); packs whose trailer cannot be read are reported, not deleted').option('--json', 'print JSON'))
+    .action(async (opts: RepoOptions) => {
+      await using repository = await open(opts);
+      const report = await repairIndex(repository);
+      print(opts, report, () => [
+        ...report.damagedPacks.map((d) => `warning: the trailer of pack ${d.pack} cannot be read (${d.reason}); the pack is left in place, its chunks are ${d.keptFromOldIndex ? 'indexed from the old index' : 'in no index (run "snapshift check")'}`),
+        `read ${report.packsRead} pack(s): indexed ${report.packsIndexed} pack(s), ${report.chunksIndexed} chunk(s) in ${report.indexFilesWritten} new index file(s); removed ${report.indexFilesRemoved} old index file(s)`,
+      ]);
+      if (report.damagedPacks.length > 0) process.exitCode = 1;
+    });
+
   const key = repo.command('key').description('several passwords can open one repository');
   withRepo(key.command('add').description('add a password (new one from --new-password-file, $SNAPSHIFT_NEW_PASSWORD or a prompt)').option('--new-password-file <file>', 'file holding the new password'))
     .action(async (opts: RepoOptions & { newPasswordFile?: string }) => {
@@ -109,7 +120,7 @@ export function registerRepoCommands(program: Command): void {
         if (!(readDataPercent > 0 && readDataPercent <= 100)) throw new SnapshiftError('USAGE', `--read-data takes a percentage from 1 to 100, not "${String(opts.readData)}"`);
       }
       await using repository = await open(opts);
-      const report = await checkRepository(repository, { readDataPercent });
+      const report = await checkRepository(repository, { readDataPercent, onWarning: (message) => process.stderr.write(`snapshift: warning: ${message}\n`) });
       print(opts, report, () => [
         ...report.problems.map((p) => `error: ${p.message}`),
         ...report.warnings.map((w) => `warning: ${w}`),

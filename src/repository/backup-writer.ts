@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { SnapshiftError } from '../core/errors.ts';
+import { faultPoint } from '../core/fault-points.ts';
 import type { Repository } from './repository.ts';
 import type { RepositoryLock } from './repository-lock.ts';
 import type { RestorePointReader } from './restore-point-reader.ts';
@@ -26,18 +27,15 @@ export interface DiskWriter {
   putZero(offsetBytes: number, lengthBytes: number): Promise<void>;
 }
 
-/** Packs written since the last index file; an index file is written after this many, and at commit. */
-const packsPerIndexFile = 16;
-
 /**
  * One restore point being written (docs/FORMAT.md): chunks flow through the blob workers into packs; index
  * files follow sealed packs; the manifest is written last. A bounded number of chunks is in flight.
+ * Writers of one process share the repository's list of unindexed packs (`Repository.flushIndex`).
  */
 export class BackupWriter {
   readonly stats: WriterStats = { chunksWritten: 0, bytesIn: 0, zeroBytes: 0, dedupBytes: 0, storedBytes: 0, compressedInBytes: 0, compressedOutBytes: 0, workerBusyMs: 0, writeBusyMs: 0 };
   readonly #disks: Array<{ name: string; sizeBytes: number; map: Buffer }> = [];
   readonly #packWriter: PackWriter;
-  readonly #unindexedPacks: Array<{ packId: string; blobs: BlobEntry[] }> = [];
   /** Ids in packs not yet sealed (not yet in the index): a duplicate of one of them is not stored twice. */
   readonly #pendingIds = new Set<string>();
   readonly #maxInFlight: number;
@@ -126,16 +124,10 @@ export class BackupWriter {
   }
 
   async #onSealed(packId: string, blobs: BlobEntry[]): Promise<void> {
-    this.repository.addPack(packId, blobs);
+    faultPoint('repo.after-pack-write');
+    const indexDue = this.repository.packSealed(packId, blobs);
     for (const blob of blobs) this.#pendingIds.delete(blob.id.toString('hex'));
-    this.#unindexedPacks.push({ packId, blobs });
-    if (this.#unindexedPacks.length >= packsPerIndexFile) await this.#writeIndex();
-  }
-
-  async #writeIndex(): Promise<void> {
-    if (this.#unindexedPacks.length === 0) return;
-    const packs = this.#unindexedPacks.splice(0);
-    await this.repository.writeIndexFile(packs);
+    if (indexDue) await this.repository.flushIndex();
   }
 
   async #drain(): Promise<void> {
@@ -163,7 +155,8 @@ export class BackupWriter {
     await this.#drain();
     if (this.#failure) throw this.#failure;
     await this.#packWriter.flush();
-    await this.#writeIndex();
+    faultPoint('repo.after-last-pack');
+    await this.repository.flushIndex();
     this.#updateStats();
     return this.stats;
   }
@@ -186,7 +179,10 @@ export class BackupWriter {
           return { name: disk.name, sizeBytes: disk.sizeBytes, storedChunks: disk.map.length / 32 - zeroChunks, zeroChunks };
         }),
       };
-      await this.repository.backend.put(manifestPath(header.id), encodeManifest(this.repository.keys, header, this.#disks.map((d) => d.map)));
+      // Every pack this manifest names must be in an index file first, also packs another writer of this
+      // process sealed and we deduplicated against (their index file may not be written yet).
+      await this.repository.flushIndex();
+      await this.#putManifest(header);
       this.#updateStats();
       this.#finished = true;
       await this.lock.release();
@@ -197,6 +193,21 @@ export class BackupWriter {
     }
   }
 
+  /** The manifest is the commit point: durable under its temp name first, then renamed into manifests/. */
+  async #putManifest(header: ManifestHeader): Promise<void> {
+    const upload = await this.repository.backend.openUpload(manifestPath(header.id));
+    try {
+      await upload.write(encodeManifest(this.repository.keys, header, this.#disks.map((d) => d.map)));
+      await upload.sync();
+      faultPoint('repo.before-manifest-rename');
+      await upload.commit();
+    } catch (error) {
+      await upload.abort();
+      throw error;
+    }
+    faultPoint('repo.after-manifest-rename');
+  }
+
   /** Drops the unfinished restore point (sealed packs stay, indexed, for gc) and releases the lock. */
   async abort(): Promise<void> {
     if (this.#finished) return;
@@ -205,7 +216,7 @@ export class BackupWriter {
       await this.#drain();
       await this.#packWriter.abort();
       try {
-        await this.#writeIndex();
+        await this.repository.flushIndex();
       } catch {
         // The in-memory index now names packs no index file lists: reload before the next backup.
         this.repository.markIndexStale();

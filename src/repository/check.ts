@@ -26,11 +26,11 @@ export interface CheckReport {
 /**
  * Checks a repository's structure (config, key, index files, manifests, pack trailers, every referenced
  * chunk indexed); with `readDataPercent`, also decrypts and re-hashes the referenced chunks of that share
- * of packs. Never changes the repository.
+ * of packs. Never changes the repository (a read-only one is checked without a lock; `onWarning` says so).
  */
-export async function checkRepository(repository: Repository, opts: { readDataPercent?: number } = {}): Promise<CheckReport> {
+export async function checkRepository(repository: Repository, opts: { readDataPercent?: number; onWarning?: (message: string) => void } = {}): Promise<CheckReport> {
   const started = performance.now();
-  await using _lock = await repository.lock('shared', 'check');
+  await using _lock = await repository.lockForReading('check', opts.onWarning);
   await repository.loadIndex();
   const problems: CheckProblem[] = [];
   const warnings: string[] = [];

@@ -1,5 +1,6 @@
 import { performance } from 'node:perf_hooks';
 import { SnapshiftError } from '../core/errors.ts';
+import { faultPoint } from '../core/fault-points.ts';
 import type { Repository } from './repository.ts';
 import { PackWriter } from './pack-writer.ts';
 import { readPackTrailer, type BlobEntry } from './pack-format.ts';
@@ -94,8 +95,12 @@ export async function collectGarbage(repository: Repository, opts: GcOptions = {
   // leaves duplicates, never a referenced chunk without an entry).
   const all = [...kept, ...written];
   for (let at = 0; at < all.length || at === 0; at += 256) await repository.writeIndexFile(all.slice(at, at + 256));
+  faultPoint('gc.after-new-index');
   for (const name of oldIndexFiles) await repository.backend.delete(name);
-  for (const name of toDelete) await repository.backend.delete(name);
+  for (const name of toDelete) {
+    await repository.backend.delete(name);
+    faultPoint('gc.mid-sweep');
+  }
   for (const entry of unindexed) await repository.backend.delete(entry.name);
   for (const entry of oldTemp) await repository.backend.delete(entry.name);
   await repository.loadIndex();

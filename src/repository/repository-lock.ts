@@ -36,10 +36,8 @@ export class RepositoryLock implements AsyncDisposable {
     await backend.put(name, Buffer.from(JSON.stringify(record)));
     const lock = new RepositoryLock(backend, name, record);
     try {
-      const conflict = await findConflict(backend, name, kind);
-      if (conflict) {
-        throw new SnapshiftError('REPO_LOCKED', `repository ${backend.location} is locked (${conflict.kind}, ${conflict.purpose}) by host ${conflict.host} pid ${conflict.pid} since ${conflict.createdAt}; try again when it is done`);
-      }
+      const conflict = await findConflict(backend, name, kind, true);
+      if (conflict) throw lockedError(backend, conflict);
     } catch (error) {
       await lock.release();
       throw error;
@@ -95,11 +93,24 @@ function isStale(record: LockRecord): boolean {
   return Date.now() - Date.parse(record.refreshedAt) > staleAfterMs;
 }
 
-async function findConflict(backend: StorageBackend, own: string, kind: LockKind): Promise<LockRecord | undefined> {
+/**
+ * For a reader that cannot write a lock (a read-only repository): throws REPO_LOCKED if a live lock conflicts
+ * with `kind`, without removing stale ones (it cannot).
+ */
+export async function assertNotLocked(backend: StorageBackend, kind: LockKind): Promise<void> {
+  const conflict = await findConflict(backend, undefined, kind, false);
+  if (conflict) throw lockedError(backend, conflict);
+}
+
+function lockedError(backend: StorageBackend, holder: LockRecord): SnapshiftError {
+  return new SnapshiftError('REPO_LOCKED', `repository ${backend.location} is locked (${holder.kind}, ${holder.purpose}) by host ${holder.host} pid ${holder.pid} since ${holder.createdAt}; try again when it is done`);
+}
+
+async function findConflict(backend: StorageBackend, own: string | undefined, kind: LockKind, removeStale: boolean): Promise<LockRecord | undefined> {
   for (const lock of await listLocks(backend)) {
     if (lock.name === own) continue;
     if (lock.stale) {
-      await backend.delete(lock.name);
+      if (removeStale) await backend.delete(lock.name);
       continue;
     }
     if (!lock.record) continue;

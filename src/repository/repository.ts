@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, stat, writeFile, rename, open } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { SnapshiftError } from '../core/errors.ts';
+import { faultPoint } from '../core/fault-points.ts';
 import { LocalBackend } from './backend/local-backend.ts';
 import { RateLimitedBackend } from './backend/rate-limited-backend.ts';
 import type { StorageBackend } from './backend/storage-backend.ts';
@@ -11,7 +12,7 @@ import { decodeIndexFile, encodeIndexFile, packPath, readPackTrailer, type BlobE
 import { keysFromMaster, makeKeySlot, newMasterKey, openKeySlot, parseKeySlot, type RepositoryKeys } from './repository-keys.ts';
 import { checkChunkSize, defaultChunkSizeBytes, defaultPackTargetBytes, formatVersion, parseCompression, parseConfig, type RepositoryConfig } from './repository-config.ts';
 import { manifestPath, readManifestHeader, summaryOf, type RestorePointSummary } from './manifest.ts';
-import { RepositoryLock, type LockKind } from './repository-lock.ts';
+import { RepositoryLock, assertNotLocked, type LockKind } from './repository-lock.ts';
 import { BackupWriter } from './backup-writer.ts';
 import { RestorePointReader } from './restore-point-reader.ts';
 
@@ -108,6 +109,15 @@ async function unlock(backend: StorageBackend, password: string): Promise<Reposi
   throw new SnapshiftError('REPO_BAD_PASSWORD', `wrong password for repository ${backend.location} (no key slot opened)`);
 }
 
+/** A sealed pack and its blobs, as an index file lists them. */
+export interface SealedPack {
+  packId: string;
+  blobs: BlobEntry[];
+}
+
+/** Packs per index file a writer writes (docs/FORMAT.md § Index files). */
+const packsPerIndexFile = 16;
+
 /** One open repository. Methods marked "internal" serve check, forget and gc. */
 export class Repository implements AsyncDisposable {
   /** internal: the in-memory index and the packs its packNo values name. */
@@ -119,6 +129,18 @@ export class Repository implements AsyncDisposable {
   damagedIndexFiles: Array<{ name: string; reason: string }> = [];
   #indexStale = false;
   #pool: BlobWorkerPool | undefined;
+  /**
+   * Packs sealed by any writer of this process that no finished index file lists yet. They are in the
+   * in-memory index at once, so another writer may dedup against them: its manifest must then wait until
+   * they are in an index file (`flushIndex`), whoever sealed them.
+   */
+  readonly #unindexedPacks: SealedPack[] = [];
+  /** Packs of the index write in flight. */
+  readonly #indexingPacks = new Set<SealedPack>();
+  /** Index writes of writers run one at a time, in order: awaiting the last one awaits them all. */
+  #indexWrites: Promise<void> = Promise.resolve();
+  /** The shared lock readers of this Repository hold together (`lockForReading`). */
+  #readLock: { holders: number; acquired: Promise<RepositoryLock | undefined> } | undefined;
 
   constructor(
     readonly path: string,
@@ -176,6 +198,8 @@ export class Repository implements AsyncDisposable {
     this.packIds = [];
     this.packNoOf.clear();
     for (const content of contents) for (const pack of content.packs) this.addPack(pack.packId, pack.blobs);
+    // Packs writers of this process sealed but no index file lists yet stay known (a writer may dedup against them).
+    for (const pack of [...this.#indexingPacks, ...this.#unindexedPacks]) this.addPack(pack.packId, pack.blobs);
     if (damaged.length > 0) {
       for (const entry of await this.backend.list('data')) {
         const packId = entry.name.split('/').at(-1)!;
@@ -197,8 +221,43 @@ export class Repository implements AsyncDisposable {
     this.#indexStale = true;
   }
 
+  /**
+   * internal: a writer sealed a pack: it goes into the in-memory index at once (dedup) and joins the packs
+   * waiting for an index file. True when enough wait for an index file to be written now.
+   */
+  packSealed(packId: string, blobs: BlobEntry[]): boolean {
+    this.addPack(packId, blobs);
+    this.#unindexedPacks.push({ packId, blobs });
+    return this.#unindexedPacks.length >= packsPerIndexFile;
+  }
+
+  /**
+   * internal: writes index files for every pack sealed so far by any writer of this process, after any index
+   * write in flight. When it resolves, every pack the in-memory index got from a writer before the call is in
+   * an index file on disk: a manifest written after it names only indexed chunks.
+   */
+  flushIndex(): Promise<void> {
+    const step = this.#indexWrites.then(async () => {
+      while (this.#unindexedPacks.length > 0) {
+        const packs = this.#unindexedPacks.splice(0, packsPerIndexFile);
+        for (const pack of packs) this.#indexingPacks.add(pack);
+        try {
+          await this.writeIndexFile(packs);
+        } catch (error) {
+          this.#unindexedPacks.unshift(...packs); // the next flush tries again
+          throw error;
+        } finally {
+          for (const pack of packs) this.#indexingPacks.delete(pack);
+        }
+        faultPoint('repo.after-index-write');
+      }
+    });
+    this.#indexWrites = step.catch(() => undefined);
+    return step;
+  }
+
   /** internal: writes one index file for `packs`. */
-  async writeIndexFile(packs: Array<{ packId: string; blobs: BlobEntry[] }>): Promise<string> {
+  async writeIndexFile(packs: SealedPack[]): Promise<string> {
     const name = `index/${randomBytes(32).toString('hex')}`;
     await this.backend.put(name, encodeIndexFile(this.keys, { packs }));
     this.indexFiles.push(name);
@@ -206,18 +265,82 @@ export class Repository implements AsyncDisposable {
   }
 
   /** internal: takes a repository lock. */
-  lock(kind: LockKind, purpose: string): Promise<RepositoryLock> {
-    return RepositoryLock.acquire(this.backend, kind, purpose);
+  async lock(kind: LockKind, purpose: string): Promise<RepositoryLock> {
+    const lock = await RepositoryLock.acquire(this.backend, kind, purpose);
+    if (kind === 'exclusive') {
+      // No writer of ours is active (each holds a shared lock): packs still waiting for an index file are
+      // those of writers that ended without writing it. They are garbage on disk like a crashed writer's,
+      // and must not be indexed later (gc may delete them now).
+      this.#unindexedPacks.length = 0;
+      this.#indexStale = true;
+    }
+    return lock;
+  }
+
+  /**
+   * A shared lock for reading restore points (restore, check), so gc cannot delete packs under the reader.
+   * Reentrant: readers of this Repository share one lock file, released when the last of them is. Where no
+   * lock can be written (a read-only repository), reading goes on without one: `onWarning` hears it once,
+   * and a live exclusive lock still refuses. The index is reloaded if gc ran since it was loaded.
+   */
+  async lockForReading(purpose: string, onWarning?: (message: string) => void): Promise<AsyncDisposable & { release(): Promise<void> }> {
+    if (!this.#readLock) {
+      const shared = { holders: 0, acquired: this.#acquireReadLock(purpose, onWarning) };
+      this.#readLock = shared;
+      shared.acquired.catch(() => {
+        if (this.#readLock === shared) this.#readLock = undefined;
+      });
+    }
+    const shared = this.#readLock;
+    shared.holders++;
+    try {
+      await shared.acquired;
+    } catch (error) {
+      shared.holders--;
+      throw error;
+    }
+    let released = false;
+    const release = async (): Promise<void> => {
+      if (released) return;
+      released = true;
+      if (--shared.holders > 0) return;
+      if (this.#readLock === shared) this.#readLock = undefined;
+      await (await shared.acquired)?.release();
+    };
+    return { release, [Symbol.asyncDispose]: release };
+  }
+
+  async #acquireReadLock(purpose: string, onWarning: ((message: string) => void) | undefined): Promise<RepositoryLock | undefined> {
+    let lock: RepositoryLock | undefined;
+    try {
+      lock = await this.lock('shared', purpose);
+    } catch (error) {
+      const why = readOnlyReason(error);
+      if (why === undefined) throw error;
+      await assertNotLocked(this.backend, 'shared');
+      onWarning?.(`repository ${this.path} cannot be locked (${why}): reading it without a lock`);
+    }
+    try {
+      await this.#reloadIndexIfChanged();
+    } catch (error) {
+      await lock?.release();
+      throw error;
+    }
+    return lock;
+  }
+
+  /** Another process may have run gc or repair-index since we loaded: reload when the set of index files changed. */
+  async #reloadIndexIfChanged(): Promise<void> {
+    const current = (await this.backend.list('index')).map((e) => e.name).sort();
+    const known = new Set(this.indexFiles);
+    if (this.#indexStale || current.some((n) => !known.has(n)) || this.indexFiles.some((n) => !current.includes(n))) await this.loadIndex();
   }
 
   /** Takes a shared lock until the writer commits or aborts. */
   async startBackup(opts: { vmName: string; baseRestorePointId?: string }): Promise<BackupWriter> {
     const lock = await this.lock('shared', `backup of ${opts.vmName}`);
     try {
-      // Another process may have run gc since we loaded: reload when the set of index files changed.
-      const current = (await this.backend.list('index')).map((e) => e.name).sort();
-      const known = new Set(this.indexFiles);
-      if (this.#indexStale || current.some((n) => !known.has(n)) || this.indexFiles.some((n) => !current.includes(n))) await this.loadIndex();
+      await this.#reloadIndexIfChanged();
       const base = opts.baseRestorePointId === undefined ? undefined : await this.openRestorePoint(opts.baseRestorePointId);
       return new BackupWriter(this, lock, opts.vmName, base);
     } catch (error) {
@@ -243,6 +366,11 @@ export class Repository implements AsyncDisposable {
   /** internal: ids of every manifest file. */
   async restorePointIds(): Promise<string[]> {
     return (await this.backend.list('manifests')).map((e) => e.name.split('/').at(-1)!).filter((n) => /^[0-9a-f]{32}$/.test(n));
+  }
+
+  /** True while the manifest of restore point `id` (a full id) exists. */
+  hasRestorePoint(id: string): Promise<boolean> {
+    return this.backend.exists(manifestPath(id));
   }
 
   /** Opens a restore point by id or unique id prefix. */
@@ -271,6 +399,15 @@ export class Repository implements AsyncDisposable {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
   }
+}
+
+/** Why a lock file could not be written if the repository is read-only (to us), else undefined. */
+function readOnlyReason(error: unknown): string | undefined {
+  const errno = (error instanceof SnapshiftError ? error.cause : error) as NodeJS.ErrnoException | undefined;
+  if (error instanceof SnapshiftError && error.code === 'REPO_READ_ONLY') return 'read-only file system';
+  if (errno?.code === 'EROFS') return 'read-only file system';
+  if (errno?.code === 'EACCES' || errno?.code === 'EPERM') return 'no write permission';
+  return undefined;
 }
 
 export { manifestPath };

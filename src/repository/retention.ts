@@ -1,4 +1,5 @@
 import { SnapshiftError } from '../core/errors.ts';
+import { faultPoint } from '../core/fault-points.ts';
 import type { RestorePointSummary } from './manifest.ts';
 import type { Repository } from './repository.ts';
 
@@ -66,6 +67,11 @@ function isoWeek(date: Date): string {
 export async function forgetRestorePoints(repository: Repository, policy: RetentionPolicy, opts: { vmName?: string; dryRun?: boolean } = {}): Promise<RetentionDecision[]> {
   await using _lock = opts.dryRun ? undefined : await repository.lock('exclusive', 'forget');
   const decisions = applyRetention(await repository.listRestorePoints(opts.vmName), policy);
-  if (!opts.dryRun) for (const decision of decisions) if (!decision.keep) await repository.backend.delete(`manifests/${decision.point.id}`);
+  if (opts.dryRun) return decisions;
+  const forgotten = decisions.filter((decision) => !decision.keep);
+  for (const [at, decision] of forgotten.entries()) {
+    await repository.backend.delete(`manifests/${decision.point.id}`);
+    if (at < forgotten.length - 1) faultPoint('retention.mid-forget');
+  }
   return decisions;
 }

@@ -61,3 +61,28 @@ test('after forget and gc every kept point restores and space is reclaimed', asy
   const again = await backup(repository, 'vm1', { vda: disks[4]! });
   assert.equal(md5(await restoreAll(repository, again.id, 'vda')), md5(disks[4]!));
 });
+
+test('gc after a writer whose index write failed: the packs it left are garbage, and no later index file names them', async () => {
+  await using dir = await tempDir();
+  await initRepository(dir.path, { password: 'pw', encryption: true, chunkSizeBytes: chunk, packTargetBytes: 1 });
+  await using repository = await openRepository(dir.path, { password: 'pw' });
+  const kept = seededBytes(Buffer.alloc(32, 20), 0, 3 * chunk);
+  const keptId = (await backup(repository, 'vm1', { vda: kept })).id;
+  // A writer seals packs, then cannot write their index file (e.g. the disk filled up) and aborts.
+  const writer = await repository.startBackup({ vmName: 'vm2' });
+  const disk = writer.addDisk('vda', 4 * chunk);
+  const lost = seededBytes(Buffer.alloc(32, 21), 0, 4 * chunk);
+  for (let at = 0; at < lost.length; at += chunk) await disk.putChunk(at, Buffer.from(lost.subarray(at, at + chunk)));
+  const writeIndexFile = repository.writeIndexFile.bind(repository);
+  repository.writeIndexFile = () => Promise.reject(new Error('no space left (simulated)'));
+  await assert.rejects(writer.commit(), /no space left \(simulated\)/);
+  repository.writeIndexFile = writeIndexFile;
+
+  await collectGarbage(repository, { safetyWindowMs: 0 });
+  const next = seededBytes(Buffer.alloc(32, 22), 0, 2 * chunk);
+  const nextId = (await backup(repository, 'vm3', { vda: next })).id;
+  const check = await checkRepository(repository, { readDataPercent: 100 });
+  assert.deepEqual([check.problems, check.warnings], [[], []]);
+  assert.equal(md5(await restoreAll(repository, keptId, 'vda')), md5(kept));
+  assert.equal(md5(await restoreAll(repository, nextId, 'vda')), md5(next));
+});

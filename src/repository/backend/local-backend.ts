@@ -26,6 +26,12 @@ export class LocalBackend implements StorageBackend {
     const handle = await fsCall(this.location, () => open(tempPath, 'wx'));
     let writtenBytes = 0;
     let done = false;
+    let synced = false;
+    const sync = async (): Promise<void> => {
+      if (synced) return;
+      await fsCall(this.location, () => handle.sync());
+      synced = true;
+    };
     return {
       get writtenBytes() {
         return writtenBytes;
@@ -42,10 +48,12 @@ export class LocalBackend implements StorageBackend {
           }
         });
         writtenBytes += total;
+        synced = false;
       },
+      sync,
       commit: async () => {
+        await sync();
         await fsCall(this.location, async () => {
-          await handle.sync();
           await handle.close();
           done = true;
           await mkdir(dirname(finalPath), { recursive: true });

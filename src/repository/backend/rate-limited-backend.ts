@@ -35,6 +35,7 @@ export class RateLimitedBackend implements StorageBackend {
       get writtenBytes() {
         return upload.writtenBytes;
       },
+      sync: () => upload.sync(),
       commit: () => upload.commit(),
       abort: () => upload.abort(),
     };

@@ -24,6 +24,9 @@ export interface BackendEntry {
 export interface BackendUpload {
   write(pieces: readonly Buffer[]): Promise<void>;
   readonly writtenBytes: number;
+  /** Makes the bytes written so far durable, still invisible under the final name (optional before commit). */
+  sync(): Promise<void>;
+  /** Makes the file visible under its final name, complete (syncs first if `sync` was not called). */
   commit(): Promise<void>;
   abort(): Promise<void>;
 }
