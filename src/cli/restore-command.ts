@@ -6,10 +6,8 @@ import { restoreDisk, type RestoreFormat } from '../restore/disk-restore.ts';
 import { openCatalog, printJson } from './context.ts';
 import { formatBytes } from './format.ts';
 import { ProgressBar } from './progress.ts';
+import { stoppedExitStatus, withStopSignals } from './stop-signals.ts';
 import { openRepositoryForCli, repositoryOption, type RepositoryCliOptions } from './repository-access.ts';
-
-/** Exit status of a restore stopped by SIGINT/SIGTERM, as `job run` exits for a stopped session. */
-const stoppedExitStatus = 3;
 
 /** `snapshift restore`: the disks of a restore point to files, under a shared repository lock. */
 export function registerRestoreCommand(program: Command): void {
@@ -34,49 +32,41 @@ export function registerRestoreCommand(program: Command): void {
         command: Command,
       ) => {
         if (options.format !== 'raw' && options.format !== 'qcow2') throw new SnapshiftError('USAGE', `unknown format "${options.format}": use raw or qcow2`);
-        const controller = new AbortController();
-        const stop = (signal: NodeJS.Signals): void => {
-          if (!controller.signal.aborted) process.stderr.write(`\nsnapshift: ${signal}: stopping the restore (the partial file is removed)\n`);
-          controller.abort(signal);
-        };
-        process.on('SIGINT', stop);
-        process.on('SIGTERM', stop);
         try {
-          using catalog = openCatalog(command);
-          await using repository = await openRepositoryForCli(options, catalog, vmName);
-          // One shared lock for every disk, taken before the restore point is read: gc waits for us.
-          await using _lock = await repository.lockForReading(`restore of ${vmName}`, (message) => process.stderr.write(`snapshift: warning: ${message}\n`));
-          const pointId = resolvePoint(catalog, vmName, options.point);
-          const reader = await repository.openRestorePoint(pointId);
-          if (reader.summary.vmName !== vmName) throw new SnapshiftError('USAGE', `restore point ${pointId} belongs to ${reader.summary.vmName}, not ${vmName}`);
-          const disks = options.disk ? [options.disk] : reader.summary.disks.map((disk) => disk.name);
-          const toFolder = disks.length > 1;
-          const restored: Array<{ disk: string; path: string; sizeBytes: number }> = [];
-          for (const disk of disks) {
-            const path = toFolder ? join(resolve(options.to), `${disk}.${options.format}`) : resolve(options.to);
-            const bar = new ProgressBar(!options.json && !options.quiet, `restore ${disk}`);
-            try {
-              const result = await restoreDisk(reader, disk, path, {
-                format: options.format as RestoreFormat,
-                force: options.force ?? false,
-                chunkSizeBytes: repository.chunkSizeBytes,
-                signal: controller.signal,
-                onProgress: (done, total) => bar.update(done, total, 'restore'),
-              });
-              restored.push({ disk, path, sizeBytes: result.sizeBytes });
-            } finally {
-              bar.stop();
+          await withStopSignals('the partial file is removed', async (signal) => {
+            using catalog = openCatalog(command);
+            await using repository = await openRepositoryForCli(options, catalog, vmName);
+            // One shared lock for every disk, taken before the restore point is read: gc waits for us.
+            await using _lock = await repository.lockForReading(`restore of ${vmName}`, (message) => process.stderr.write(`snapshift: warning: ${message}\n`));
+            const pointId = resolvePoint(catalog, vmName, options.point);
+            const reader = await repository.openRestorePoint(pointId);
+            if (reader.summary.vmName !== vmName) throw new SnapshiftError('USAGE', `restore point ${pointId} belongs to ${reader.summary.vmName}, not ${vmName}`);
+            const disks = options.disk ? [options.disk] : reader.summary.disks.map((disk) => disk.name);
+            const toFolder = disks.length > 1;
+            const restored: Array<{ disk: string; path: string; sizeBytes: number }> = [];
+            for (const disk of disks) {
+              const path = toFolder ? join(resolve(options.to), `${disk}.${options.format}`) : resolve(options.to);
+              const bar = new ProgressBar(!options.json && !options.quiet, `restore ${disk}`);
+              try {
+                const result = await restoreDisk(reader, disk, path, {
+                  format: options.format as RestoreFormat,
+                  force: options.force ?? false,
+                  chunkSizeBytes: repository.chunkSizeBytes,
+                  signal,
+                  onProgress: (done, total) => bar.update(done, total, 'restore'),
+                });
+                restored.push({ disk, path, sizeBytes: result.sizeBytes });
+              } finally {
+                bar.stop();
+              }
             }
-          }
-          if (options.json) return printJson({ restorePoint: reader.summary.id, restored });
-          for (const entry of restored) console.log(`restored ${vmName}/${entry.disk} (${formatBytes(entry.sizeBytes)}) from ${reader.summary.id} to ${entry.path}`);
+            if (options.json) return printJson({ restorePoint: reader.summary.id, restored });
+            for (const entry of restored) console.log(`restored ${vmName}/${entry.disk} (${formatBytes(entry.sizeBytes)}) from ${reader.summary.id} to ${entry.path}`);
+          });
         } catch (error) {
           if (!(error instanceof SnapshiftError && error.code === 'RESTORE_STOPPED')) throw error;
           process.stderr.write(`snapshift: ${error.message}\n`);
           process.exitCode = stoppedExitStatus;
-        } finally {
-          process.off('SIGINT', stop);
-          process.off('SIGTERM', stop);
         }
       },
     );

@@ -26,6 +26,6 @@ export async function withStopSignals<T>(what: string, work: (signal: AbortSigna
 export class StopRequested extends Error {
   override readonly name = 'StopRequested';
   constructor(readonly signal: NodeJS.Signals) {
-    super(`stopped by ${signal}`);
+    super(`${signal} received`);
   }
 }

@@ -1,3 +1,4 @@
+import { processIsAlive } from '../core/process-alive.ts';
 import { openSync, readFileSync, rmSync, writeSync, closeSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { SnapshiftError } from '../core/errors.ts';
@@ -19,7 +20,7 @@ export class InstanceLock implements Disposable {
       } catch (error) {
         if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
         const holder = readHolder(path);
-        if (holder && holder.host === hostname() && !isAlive(holder.pid)) {
+        if (holder && holder.host === hostname() && !processIsAlive(holder.pid)) {
           rmSync(path, { force: true });
           continue;
         }
@@ -42,11 +43,3 @@ function readHolder(path: string): { host: string; pid: number } | undefined {
   }
 }
 
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}

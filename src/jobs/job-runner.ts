@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { SessionState, type Catalog, type HostRecord } from '../catalog/index.ts';
 import { messageOf } from '../core/errors.ts';
 import { faultPoint } from '../core/fault-points.ts';
+import { snapshiftProcessIsAlive } from '../core/process-alive.ts';
 import { runBackup } from '../processing/backup-run.ts';
 import type { TaskProgress } from '../processing/regular-mode.ts';
 import type { TaskStats } from '../processing/task-stats.ts';
@@ -145,15 +146,6 @@ async function applyJobRetention(job: JobDefinition, repository: Repository, cat
 /** Sessions left Running by a process that is gone (killed, machine rebooted) end as Failed. */
 export function markCrashedSessions(catalog: Catalog): void {
   for (const session of catalog.jobs.runningSessions()) {
-    let alive = session.ownerPid === process.pid;
-    if (!alive) {
-      try {
-        process.kill(session.ownerPid, 0);
-        alive = true;
-      } catch {
-        alive = false;
-      }
-    }
-    if (!alive) catalog.jobs.endSession(session.id, SessionState.failed, { ...session.summary, error: 'the process running this session ended unexpectedly' });
+    if (!snapshiftProcessIsAlive(session.ownerPid)) catalog.jobs.endSession(session.id, SessionState.failed, { ...session.summary, error: 'the process running this session ended unexpectedly' });
   }
 }

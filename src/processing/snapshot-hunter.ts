@@ -1,4 +1,5 @@
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
+import { snapshiftProcessIsAlive } from '../core/process-alive.ts';
 import { rm } from 'node:fs/promises';
 import type { Catalog, VmSnapshotLedgerEntry } from '../catalog/index.ts';
 import { exec } from '../core/exec.ts';
@@ -18,20 +19,7 @@ export interface HuntAction {
 }
 
 /** True while the process that wrote a ledger row still runs: its snapshot belongs to a running task. */
-export function ownerIsRunning(pid: number): boolean {
-  if (pid === process.pid) return true;
-  try {
-    process.kill(pid, 0);
-  } catch {
-    return false;
-  }
-  // A recycled PID belongs to something else: only a node process can be one of our tasks.
-  try {
-    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('node');
-  } catch {
-    return false;
-  }
-}
+export const ownerIsRunning = snapshiftProcessIsAlive;
 
 /**
  * Tags of sessions whose owner still runs: what carries them (overlays, exports, bitmaps) is not ours to

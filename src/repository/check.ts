@@ -1,3 +1,4 @@
+import { tempFileOwnerIsLive } from './temp-files.ts';
 import { performance } from 'node:perf_hooks';
 import { SnapshiftError } from '../core/errors.ts';
 import type { Repository } from './repository.ts';
@@ -91,8 +92,9 @@ export async function checkRepository(repository: Repository, opts: { readDataPe
   }
   await Promise.all(inFlight);
   for (const [packId] of packFiles) warnings.push(`pack data/${packId.slice(0, 2)}/${packId} is in no index (left by an interrupted backup; gc removes it)`);
-  const tempFiles = await repository.backend.list('tmp');
-  if (tempFiles.length > 0) warnings.push(`${tempFiles.length} temporary file(s) in tmp/ (left by interrupted writes; gc removes them)`);
+  // A live writer's temp file on this host is work in progress, not debris.
+  const tempFiles = (await repository.backend.list('tmp')).filter((entry) => !tempFileOwnerIsLive(entry.name));
+  if (tempFiles.length > 0) warnings.push(`${tempFiles.length} temporary file(s) in tmp/ (left by interrupted writes; the next backup on this host or gc removes them)`);
 
   const affected = await restorePointsNaming(repository, new Set(badIds.keys()));
   for (const [idHex, problem] of badIds) {

@@ -5,6 +5,7 @@ import type { Repository } from './repository.ts';
 import { PackWriter } from './pack-writer.ts';
 import { readPackTrailer, type BlobEntry } from './pack-format.ts';
 import { markLiveChunks } from './live-chunks.ts';
+import { tempFileOwnerIsGone } from './temp-files.ts';
 
 export interface GcOptions {
   /** Unindexed packs and temp files younger than this are left alone (a writer may still own them). */
@@ -61,7 +62,7 @@ export async function collectGarbage(repository: Repository, opts: GcOptions = {
     else kept.push({ packId, blobs: liveChunks.map((c) => ({ id: c.id, offsetBytes: c.location.offsetBytes, storedLength: c.location.storedLength, rawLength: 0, compressed: c.location.compressed })) });
   }
   const unindexed = [...files.values()].filter((e) => !repository.packNoOf.has(e.name.split('/').at(-1)!) && Date.now() - e.modifiedMs > safetyWindowMs);
-  const oldTemp = (await repository.backend.list('tmp')).filter((e) => Date.now() - e.modifiedMs > safetyWindowMs);
+  const oldTemp = (await repository.backend.list('tmp')).filter((e) => tempFileOwnerIsGone(e.name) || Date.now() - e.modifiedMs > safetyWindowMs);
   const report: GcReport = { packsBefore: files.size, packsDeleted: toDelete.length, packsRepacked: toRepack.length, packsWritten: 0, unindexedDeleted: unindexed.length, bytesBefore, bytesAfter: bytesBefore, bytesRepacked: 0, durationMs: 0 };
   if (opts.dryRun) {
     report.durationMs = performance.now() - started;

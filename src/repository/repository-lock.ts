@@ -1,3 +1,4 @@
+import { snapshiftProcessIsAlive } from '../core/process-alive.ts';
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import { SnapshiftError } from '../core/errors.ts';
@@ -82,13 +83,7 @@ export async function listLocks(backend: StorageBackend): Promise<Array<{ name: 
 
 function isStale(record: LockRecord): boolean {
   if (record.host === hostname()) {
-    if (record.pid === process.pid) return false;
-    try {
-      process.kill(record.pid, 0);
-      return false;
-    } catch (error) {
-      return (error as NodeJS.ErrnoException).code === 'ESRCH';
-    }
+    return !snapshiftProcessIsAlive(record.pid);
   }
   return Date.now() - Date.parse(record.refreshedAt) > staleAfterMs;
 }

@@ -14,6 +14,7 @@ import { checkChunkSize, defaultChunkSizeBytes, defaultPackTargetBytes, formatVe
 import { manifestPath, readManifestHeader, summaryOf, type RestorePointSummary } from './manifest.ts';
 import { RepositoryLock, assertNotLocked, type LockKind } from './repository-lock.ts';
 import { BackupWriter } from './backup-writer.ts';
+import { removeDeadTempFiles } from './temp-files.ts';
 import { RestorePointReader } from './restore-point-reader.ts';
 
 export interface RepositoryOptions {
@@ -340,6 +341,8 @@ export class Repository implements AsyncDisposable {
   async startBackup(opts: { vmName: string; baseRestorePointId?: string }): Promise<BackupWriter> {
     const lock = await this.lock('shared', `backup of ${opts.vmName}`);
     try {
+      // What a killed writer on this host left in tmp/ goes now, not after gc's safety window.
+      await removeDeadTempFiles(this.backend);
       await this.#reloadIndexIfChanged();
       const base = opts.baseRestorePointId === undefined ? undefined : await this.openRestorePoint(opts.baseRestorePointId);
       return new BackupWriter(this, lock, opts.vmName, base);

@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process';
 import { open, rm, rename } from 'node:fs/promises';
-import { SnapshiftError } from '../core/errors.ts';
+import { SnapshiftError, messageOf } from '../core/errors.ts';
 import { faultPoint } from '../core/fault-points.ts';
 import type { RestorePointReader } from '../repository/index.ts';
 import { pathExists } from '../core/fs-probe.ts';
@@ -44,7 +44,7 @@ export async function restoreDisk(reader: RestorePointReader, diskName: string, 
   }
   const signal = options.signal;
   const stopped = (): SnapshiftError =>
-    new SnapshiftError('RESTORE_STOPPED', `restore of disk ${diskName} to ${targetPath} stopped${signal?.reason === undefined ? '' : ` (${String(signal.reason)})`}; the partial file was removed`);
+    new SnapshiftError('RESTORE_STOPPED', `restore of disk ${diskName} to ${targetPath} stopped${signal?.reason === undefined ? '' : ` (${messageOf(signal.reason)})`}; the partial file was removed`);
   const rawPath = `${targetPath}.snapshift-partial${options.format === 'qcow2' ? '.raw' : ''}`;
   let writtenBytes = 0;
   try {

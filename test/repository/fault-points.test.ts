@@ -107,7 +107,7 @@ async function assertRecoverable(repo: string, killed: ChildResult, leftovers: L
   ];
   const found = report.warnings.map((warning) => {
     if (/^pack data\/[0-9a-f]{2}\/[0-9a-f]{64} is in no index \(left by an interrupted backup; gc removes it\)$/.test(warning)) return 'unindexed pack';
-    const temp = /^(\d+) temporary file\(s\) in tmp\/ \(left by interrupted writes; gc removes them\)$/.exec(warning);
+    const temp = /^(\d+) temporary file\(s\) in tmp\/ \(left by interrupted writes; the next backup on this host or gc removes them\)$/.exec(warning);
     return temp ? `${temp[1]} temp file(s)` : warning;
   });
   assert.deepEqual(found.sort(), expected.sort(), 'warnings only for what gc removes');

@@ -75,8 +75,8 @@ for (const signal of ['SIGTERM', 'SIGINT'] as const) {
       restore.kill(signal);
       const exit = await exited;
       assert.deepEqual(exit, { code: 3, signal: null }, stderr);
-      assert.match(stderr, new RegExp(`snapshift: ${signal}: stopping the restore`));
-      assert.match(stderr, /snapshift: restore of disk vda to .*vm1\.qcow2 stopped \(SIG(TERM|INT)\); the partial file was removed/);
+      assert.match(stderr, new RegExp(`snapshift: ${signal}: stopping cleanly \\(the partial file is removed\\)`));
+      assert.match(stderr, /snapshift: restore of disk vda to .*vm1\.qcow2 stopped \(SIG(TERM|INT) received\); the partial file was removed/);
       assert.deepEqual(await readdir(join(dir.path, 'out')), [], 'no target, no partial file');
       assert.throws(() => process.kill(converterPid, 0), /ESRCH/, 'qemu-img was ended');
       assert.deepEqual(await readdir(join(repo, 'locks')), [], 'lock released');

@@ -1,8 +1,8 @@
 import { open, readFile, readdir, rename, rm, stat, mkdir, type FileHandle } from 'node:fs/promises';
-import { randomBytes } from 'node:crypto';
 import { join, dirname } from 'node:path';
 import { SnapshiftError } from '../../core/errors.ts';
 import type { BackendEntry, BackendUpload, StorageBackend } from './storage-backend.ts';
+import { ownTempFileName } from '../temp-files.ts';
 
 /** A repository in a local directory. Every put is temp file + fsync + rename + fsync of the folder. */
 export class LocalBackend implements StorageBackend {
@@ -21,7 +21,7 @@ export class LocalBackend implements StorageBackend {
   }
 
   async openUpload(name: string): Promise<BackendUpload> {
-    const tempPath = join(this.location, 'tmp', `${randomBytes(8).toString('hex')}.tmp`);
+    const tempPath = join(this.location, 'tmp', ownTempFileName());
     const finalPath = join(this.location, name);
     const handle = await fsCall(this.location, () => open(tempPath, 'wx'));
     let writtenBytes = 0;
