@@ -29,7 +29,15 @@ export function exitStatusFor(error: unknown): number {
   return ExitStatus.failed;
 }
 
-/** The message of any thrown value, for one-line error output. */
+/**
+ * The message of any thrown value, for one-line error output. A SuppressedError (`await using` whose body
+ * and disposal both threw) says "An error was suppressed during disposal": tell both, the first cause first.
+ */
 export function messageOf(error: unknown): string {
+  if (isSuppressedError(error)) return `${messageOf(error.suppressed)}; then, while undoing: ${messageOf(error.error)}`;
   return error instanceof Error ? error.message : String(error);
+}
+
+function isSuppressedError(error: unknown): error is Error & { error: unknown; suppressed: unknown } {
+  return error instanceof Error && error.name === 'SuppressedError' && 'suppressed' in error && 'error' in error;
 }

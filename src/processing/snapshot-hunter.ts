@@ -6,7 +6,7 @@ import { exec } from '../core/exec.ts';
 import { messageOf } from '../core/errors.ts';
 import { faultPoint } from '../core/fault-points.ts';
 import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
-import { backingChildOf, queryNamedBlockNodes } from '../hypervisor/qemu/block-graph.ts';
+import { backingChildOf, blockNodeNames, queryNamedBlockNodes } from '../hypervisor/qemu/block-graph.ts';
 import { commitOverlay } from '../hypervisor/qemu/block-commit.ts';
 import { removeLeftoverExports } from '../hypervisor/qemu/qemu-nbd-export.ts';
 
@@ -64,7 +64,7 @@ async function recoverEntry(entry: VmSnapshotLedgerEntry, dryRun: boolean, isLiv
   }
   try {
     if (host && !dryRun) await removeLeftoverExports(host.qmp, isLive);
-    const liveNodes = host ? new Set((await queryNamedBlockNodes(host.qmp)).map((node) => node['node-name'])) : undefined;
+    const liveNodes = host ? await blockNodeNames(host.qmp) : undefined;
     for (const overlay of entry.overlays) {
       const base = { vmName: entry.vmName, overlayPath: overlay.overlayPath };
       if (liveNodes?.has(overlay.overlayNodeName)) {

@@ -3,7 +3,7 @@ import { SnapshiftError } from '../../core/errors.ts';
 import { faultPoint } from '../../core/fault-points.ts';
 import type { VmSnapshotOverlay } from '../hypervisor.ts';
 import type { QmpSession } from './qmp-session.ts';
-import { queryNamedBlockNodes } from './block-graph.ts';
+import { blockNodeNames } from './block-graph.ts';
 
 /** How long a commit may go without its job making any progress before we give up (a stuck storage). */
 const stalledAfterMs = 30 * 60_000;
@@ -112,7 +112,7 @@ async function findJob(qmp: QmpSession, jobId: string): Promise<BlockJobInfo | u
 }
 
 async function nodeIsInGraph(qmp: QmpSession, nodeName: string): Promise<boolean> {
-  return (await queryNamedBlockNodes(qmp)).some((node) => node['node-name'] === nodeName);
+  return (await blockNodeNames(qmp)).has(nodeName);
 }
 
 function notActive(overlay: Pick<VmSnapshotOverlay, 'overlayNodeName' | 'overlayPath'>): SnapshiftError {

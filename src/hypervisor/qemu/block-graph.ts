@@ -27,6 +27,16 @@ export async function queryNamedBlockNodes(qmp: QmpSession): Promise<BlockNodeIn
 }
 
 /**
+ * Names of every named node in the graph. Unlike `query-named-block-nodes` this reads nothing from the
+ * images (that command reads each qcow2's bitmap directory and fails on a disk with I/O errors), so it
+ * still answers for a VM whose storage is failing: exactly when a commit must still be driven to its end.
+ */
+export async function blockNodeNames(qmp: QmpSession): Promise<Set<string>> {
+  const graph = await qmp.execute<DebugBlockGraph>('x-debug-query-block-graph');
+  return new Set(graph.nodes.filter((node) => node.type === 'block-driver' && node.name !== '').map((node) => node.name));
+}
+
+/**
  * Names of the nodes attached directly to a block backend (a guest device or an export): the active layers.
  * qemu-storage-daemon has no devices, so `query-block` is empty there; the debug graph is the one view that
  * works for both a VM and a daemon. Backends whose names are in `ignoreBackendNames` are skipped.

@@ -3,7 +3,7 @@ import { SnapshiftError } from '../../core/errors.ts';
 import type { VmDisk, VmSnapshot, VmSnapshotOverlay, VmSnapshotStats } from '../hypervisor.ts';
 import { nextOverlayPath } from './overlay-path.ts';
 import { commitOverlay } from './block-commit.ts';
-import { queryNamedBlockNodes } from './block-graph.ts';
+import { blockNodeNames } from './block-graph.ts';
 import { faultPoint, faultPointAfterIo } from '../../core/fault-points.ts';
 import { bitmapRotationActions, type BitmapRotation } from './dirty-bitmaps.ts';
 import type { QmpSession } from './qmp-session.ts';
@@ -95,7 +95,7 @@ async function undoFailedTransaction(qmp: QmpSession, overlays: readonly VmSnaps
   const refusedByQemu = error instanceof SnapshiftError && error.code === 'QMP_COMMAND_FAILED';
   let active: VmSnapshotOverlay[];
   try {
-    const inGraph = new Set((await queryNamedBlockNodes(qmp)).map((node) => node['node-name']));
+    const inGraph = await blockNodeNames(qmp);
     active = overlays.filter((overlay) => inGraph.has(overlay.overlayNodeName));
   } catch (queryError) {
     if (!refusedByQemu) {
