@@ -4,16 +4,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Every program the code, the tests and the benchmarks run, and every QEMU driver they use, comes from one of
+# these; `bin/snapshift doctor` names the same packages (test/cli/doctor.test.ts keeps the two lists in step).
 APT_PACKAGES=(
-  qemu-system-x86 qemu-utils        # the hypervisor, qemu-img, qemu-io, qemu-storage-daemon
-  btrfs-progs xfsprogs              # the lab's datastores
-  busybox-static cpio               # the tiny guest's initramfs
+  qemu-system-x86                   # the lab's guests (qemu-system-x86_64)
+  qemu-system-common                # qemu-storage-daemon: reads disks from storage snapshots; the qcow2/raw drivers
+  qemu-utils                        # qemu-img, qemu-io, qemu-nbd
+  qemu-block-extra                  # QEMU's rbd block driver (block-rbd.so); without it "Unknown driver 'rbd'"
+  btrfs-progs xfsprogs              # the btrfs provider and the lab's datastores (btrfs, mkfs.btrfs, mkfs.xfs, xfs_info)
+  busybox-static                    # the tiny guest's whole userland (its initramfs is written by our own code)
   libnbd-bin                        # nbdinfo / nbdcopy: references our NBD client is compared with
   qemu-guest-agent                  # a real guest agent for the quiesce tests (run on the host, freeze blocked)
   restic                            # the repository benchmark's yardstick
-  zfs-fuse                          # the lab's ZFS datastore (zfs-fuse: no kernel module needed)
-  ceph-mon ceph-osd ceph-mgr ceph-common  # single-node Ceph for the RBD storage provider and its lab
-  util-linux e2fsprogs xz-utils zstd lz4
+  zfs-fuse                          # the lab's ZFS datastore (zfs-fuse: no kernel module needed), zfs, zpool
+  ceph-mon ceph-osd ceph-mgr ceph-common ceph-base  # single-node Ceph for the RBD provider and its lab (rbd, ceph, monmaptool)
+  util-linux mount                  # setpriv, findmnt; losetup, mount, umount
+  e2fsprogs                         # mkfs.ext4 for the full-disk tests
+  xz-utils zstd                     # the guest kernel's .ko.xz / .ko.zst modules
+  cpio lz4                          # no code or test runs these today; kept until someone confirms nobody needs them
+  coreutils dpkg apt                # cp --reflink, md5sum, dd, …; unpacking the guest kernel (essential, listed for doctor)
 )
 
 missing=()

@@ -2,6 +2,7 @@ import type { Command } from 'commander';
 import { registerBackupCommands } from './backup-commands.ts';
 import { registerDaemonCommand } from './daemon-command.ts';
 import { registerDemoCommand } from './demo-command.ts';
+import { registerDoctorCommand } from './doctor-command.ts';
 import { registerHostCommands } from './host-commands.ts';
 import { registerJobCommands } from './job-commands.ts';
 import { registerLabCommands } from './lab-commands.ts';
@@ -22,4 +23,5 @@ export function registerCommands(program: Command): void {
   registerDaemonCommand(program);
   registerLabCommands(program);
   registerDemoCommand(program);
+  registerDoctorCommand(program);
 }

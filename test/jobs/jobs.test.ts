@@ -69,7 +69,7 @@ describe('jobs, sessions and statistics', () => {
   // After our `after`: the daemons holding files on the datastores are gone before the lab goes down.
   const lab = withLab();
 
-  test('a job of 3 VMs in storage-snapshot mode with keep-last 2, run 3 times: plausible statistics, 2 restorable points per VM', async () => {
+  test('a job of 3 VMs in storage-snapshot mode with keep-last 2, run 3 times: plausible statistics, 2 restorable points per VM', async (t) => {
     const folder = join(lab().datastore('btrfs').vmDisksDir, 'nightly');
     for (const name of ['n1', 'n2', 'n3']) await makeVm(name, folder);
     const job = parseJobDefinition({ name: 'nightly', vms: ['n1', 'n2', 'n3'], repository: repoPath(), mode: 'storage-snapshot', retention: { keepLast: 2 } });
@@ -87,9 +87,13 @@ describe('jobs, sessions and statistics', () => {
       assert.ok(summary.durationMs > 0);
       assert.ok(Math.abs(summary.rateMBps - summary.processedBytes / 1e6 / (summary.durationMs / 1000)) < 0.01, 'rate = processed / duration');
       assert.ok(summary.bottleneck !== null && summary.busyPercent !== null);
+      t.diagnostic(`run ${run}: VM-snapshot lifetimes ${result.tasks.map((task) => task.stats!.vmSnapshotLifetimeMs.toFixed(0)).join(', ')} ms`);
       for (const task of result.tasks) {
         const stats = task.stats!;
-        assert.ok(stats.vmSnapshotLifetimeMs > 0 && stats.vmSnapshotLifetimeMs < 1000);
+        // Consistency, not speed: the lifetime holds the commit. How short it is belongs to the single-VM test in
+        // test/processing/storage-snapshot-mode.test.ts and to `npm run bench -- modes`; here, three VMs sharing
+        // one storage snapshot, it measured 340-810 ms, too close to any fixed bar on a loaded machine.
+        assert.ok(stats.commitMs > 0 && stats.commitMs <= stats.vmSnapshotLifetimeMs, `commit ${stats.commitMs} ms within the lifetime ${stats.vmSnapshotLifetimeMs} ms`);
         assert.ok(stats.storageSnapshotLifetimeMs! > 0);
         assert.ok(stats.transferredBytes <= stats.readBytes && stats.readBytes <= stats.processedBytes);
       }

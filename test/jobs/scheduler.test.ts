@@ -45,18 +45,26 @@ test('the daemon runs a due job on schedule, never twice at once, and a second d
   children.push(child);
   let log = '';
   child.stderr!.on('data', (chunk: Buffer) => (log += chunk.toString()));
-  await new Promise((resolve) => setTimeout(resolve, 2500));
+  // Waits for what the daemon says, not for a fixed time: on a loaded machine its start alone can take seconds.
+  const waitForLog = async (what: string, done: () => boolean, timeoutMs = 120_000) => {
+    const deadline = Date.now() + timeoutMs;
+    while (!done()) {
+      if (child.exitCode !== null || Date.now() > deadline) assert.fail(`the daemon never logged ${what}; log:\n${log}`);
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  };
+  await waitForLog('its start', () => log.includes('snapshift daemon started'));
   const second = await runCli(['daemon'], env);
   assert.equal(second.status, 2);
   assert.match(second.stderr, /another snapshift daemon runs for this catalog/);
-  await new Promise((resolve) => setTimeout(resolve, 9000));
+  await waitForLog('two runs and a skipped fire time', () => (log.match(/starting job frequent/g) ?? []).length >= 2 && /previous run has not ended: skipped/.test(log));
   const exited = new Promise((resolve) => child.once('exit', resolve));
   child.kill('SIGTERM');
   await exited;
 
   using catalog = Catalog.open(join(workspace.dir, 'home'));
   const sessions = catalog.jobs.listSessions('frequent').reverse();
-  assert.ok(sessions.length >= 2, `at least two scheduled runs in ~11 s, got ${sessions.length}; log:\n${log}`);
+  assert.ok(sessions.length >= 2, `at least two scheduled runs, got ${sessions.length}; log:\n${log}`);
   for (let index = 1; index < sessions.length; index++) {
     assert.ok(sessions[index]!.startedAt >= sessions[index - 1]!.endedAt!, 'runs never overlap');
   }

@@ -12,7 +12,7 @@ import { leftovers, qmpOnce } from './lab-leftovers.ts';
 const run = promisify(execFile);
 const MiB = 1024 ** 2;
 
-test('a real guest boots to its workload within 15 s under TCG, writes, stops with its disk md5; lab down leaves nothing', { timeout: 240_000 }, async (t) => {
+test('a real guest boots to its workload in seconds under TCG, writes, stops with its disk md5; lab down leaves nothing', { timeout: 240_000 }, async (t) => {
   const upStarted = Date.now();
   const lab = await labFor(t);
   const upMs = Date.now() - upStarted;
@@ -28,7 +28,9 @@ test('a real guest boots to its workload within 15 s under TCG, writes, stops wi
   await lab.createVm('vm1', { datastore: 'btrfs', sizeBytes: 256 * MiB, fillBytes: 64 * MiB });
   const vm = await lab.startVm('vm1', { rateMiBps: 4 });
   t.diagnostic(`lab up ${upMs} ms; guest reached WORKLOAD_START ${vm.bootMs} ms after QEMU started (accel ${(await fs.readFile('/proc/' + vm.pid + '/cmdline', 'utf8')).includes('accel=tcg') ? 'tcg' : 'kvm'})`);
-  assert.ok(vm.bootMs! < 15_000, `guest booted to its workload in ${vm.bootMs} ms`);
+  // 3.4 s here under TCG, which competes with everything else for 2 cores: 30 s keeps 5x clear of load and
+  // still catches a guest that crawls (e.g. KVM where it hangs, see chooseAccelerator) before startVm's 60 s.
+  assert.ok(vm.bootMs! < 30_000, `guest booted to its workload in ${vm.bootMs} ms`);
 
   const heartbeats = await vm.waitForHeartbeats(3, 15_000);
   const writes = heartbeats.map((beat) => beat.writes);

@@ -10,9 +10,16 @@ import { withLab, type LabVm } from '../../src/lab/index.ts';
 import { runBackup, type ProcessingMode } from '../../src/processing/backup-run.ts';
 import { initRepository, openRepository, type Repository } from '../../src/repository/index.ts';
 import { restoreDisk } from '../../src/restore/disk-restore.ts';
+import { HookTime } from '../support/hook-time.ts';
 import { makeWorkspace, md5File, md5OfImage } from '../support/workspace.ts';
 
 const MiB = 1024 * 1024;
+/**
+ * Storage-snapshot mode with a TCG guest writing (it keeps one core busy): the VM snapshot's own lifetime, the
+ * test's reference copy taken out, was 200-360 ms here, so 2 s keeps 5x clear of machine load. The real bar
+ * (<= 0.3 s) is measured by `npm run bench -- modes`.
+ */
+const VM_SNAPSHOT_BAR_MS = 2000;
 
 describe('a real TCG guest writing during the backup', () => {
   // The guest lives inside the lab, so the lab's own teardown ends it.
@@ -39,10 +46,11 @@ describe('a real TCG guest writing during the backup', () => {
   });
 
   for (const mode of ['regular', 'storage-snapshot'] as const satisfies readonly ProcessingMode[]) {
-    test(`${mode}: restore equals the point in time, the guest kept writing, its chain is back to the original file`, async () => {
+    test(`${mode}: restore equals the point in time, the guest kept writing, its chain is back to the original file`, async (t) => {
       const vmDisksDir = lab().datastore('btrfs').vmDisksDir;
       const referenceCopy = join(lab().datastore('btrfs').mountPoint, `reference-${mode}.qcow2`);
       const writesBefore = (await vm.heartbeats()).at(-1)!.writes;
+      const hookTime = new HookTime();
       const run = await runBackup({
         hosts: [catalog.getHost('g1')!],
         mode,
@@ -53,14 +61,17 @@ describe('a real TCG guest writing during the backup', () => {
         maxReadBytesPerSecond: 16 * MiB,
         hooks: {
           // A reflink copy of the frozen base is the point in time, taken in milliseconds.
-          afterVmSnapshots: () => exec('cp', ['--reflink=always', vm.diskPath, referenceCopy]).then(() => undefined),
+          afterVmSnapshots: hookTime.wrap(() => exec('cp', ['--reflink=always', vm.diskPath, referenceCopy]).then(() => undefined)),
         },
       });
       const outcome = run.outcomes[0]!;
       assert.equal(outcome.error, undefined, outcome.error?.message);
       const { stats, restorePoint } = outcome.result!;
       assert.equal(stats.mode, mode);
-      if (mode === 'storage-snapshot') assert.ok(stats.vmSnapshotLifetimeMs < 1000, `VM snapshot lived ${stats.vmSnapshotLifetimeMs} ms`);
+      // The reference copy runs inside the VM snapshot's window: only the rest (storage snapshot + commit) is ours.
+      const ownMs = stats.vmSnapshotLifetimeMs - hookTime.ms;
+      t.diagnostic(`VM-snapshot lifetime ${stats.vmSnapshotLifetimeMs.toFixed(0)} ms, of which the test's reference copy ${hookTime.ms.toFixed(0)} ms: ${ownMs.toFixed(0)} ms ours`);
+      if (mode === 'storage-snapshot') assert.ok(ownMs < VM_SNAPSHOT_BAR_MS, `the VM snapshot lived ${ownMs.toFixed(0)} ms of its own (${stats.vmSnapshotLifetimeMs.toFixed(0)} ms in all)`);
       else assert.ok(stats.deltaBytesAtCommit > 0, 'the guest wrote into the delta during the copy');
 
       const restored = join(workspace.dir, `restored-${mode}.raw`);

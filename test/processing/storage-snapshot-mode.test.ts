@@ -19,9 +19,16 @@ import { makeWorkspace, md5File, md5OfImage } from '../support/workspace.ts';
 import { guestWrite } from '../support/guest-io.ts';
 import { sigkill, startPausedBackup } from '../support/paused-backup.ts';
 import { closeBackupBed, openBackupBed, startVmStandIn } from '../support/backup-bed.ts';
+import { HookTime } from '../support/hook-time.ts';
 
 const MiB = 1024 * 1024;
 const password = 'storage-test';
+/**
+ * The VM snapshot's own lifetime in storage-snapshot mode (storage snapshot + commit, the test's hook time taken
+ * out) was 60-120 ms here: 1 s keeps it clear of machine load by 8x. The real bar (<= 0.3 s, >= 20x shorter than
+ * regular mode) is measured by `npm run bench -- modes`.
+ */
+const VM_SNAPSHOT_BAR_MS = 1000;
 
 async function ownSnapshotsOn(mountPoint: string): Promise<string[]> {
   const folder = join(mountPoint, '.snapshift-snapshots');
@@ -64,16 +71,17 @@ describe('backup from storage snapshots (btrfs, XFS), guest-less', () => {
   const lab = withLab();
 
   for (const kind of ['btrfs', 'xfs'] as const) {
-    test(`${kind}: the VM snapshot lives well under a second, the restore equals the point in time, nothing is left`, async () => {
+    test(`${kind}: the VM snapshot lives well under a second, the restore equals the point in time, nothing is left`, async (t) => {
       const store = lab().datastore(kind);
       const { daemon, imagePath } = await makeVm(`${kind}-vm`, store.vmDisksDir);
       let reference = '';
       const writtenAfter = randomBytes(MiB);
+      const hookTime = new HookTime();
       const run = await backup([`${kind}-vm`], {
         hooks: {
-          afterVmSnapshots: async () => {
+          afterVmSnapshots: hookTime.wrap(async () => {
             reference = await md5OfImage(imagePath, 'qcow2', workspace.dir);
-          },
+          }),
           afterStorageSnapshot: async () => {
             // Writes after the storage snapshot must not reach the backup, and must not be lost.
             await guestWrite(daemon, 0, writtenAfter);
@@ -86,7 +94,10 @@ describe('backup from storage snapshots (btrfs, XFS), guest-less', () => {
       assert.equal(stats.mode, 'storage-snapshot');
       assert.equal(failoverReason, undefined);
       assert.deepEqual(storageKinds, [kind]);
-      assert.ok(stats.vmSnapshotLifetimeMs < 1000, `VM snapshot lived ${stats.vmSnapshotLifetimeMs} ms`);
+      // The reference md5 runs inside the VM snapshot's window: only the rest (storage snapshot + commit) is ours.
+      const ownMs = stats.vmSnapshotLifetimeMs - hookTime.ms;
+      t.diagnostic(`VM-snapshot lifetime ${stats.vmSnapshotLifetimeMs.toFixed(0)} ms, of which the test's md5 ${hookTime.ms.toFixed(0)} ms: ${ownMs.toFixed(0)} ms ours`);
+      assert.ok(ownMs < VM_SNAPSHOT_BAR_MS, `the VM snapshot lived ${ownMs.toFixed(0)} ms of its own (${stats.vmSnapshotLifetimeMs.toFixed(0)} ms in all)`);
       assert.ok(stats.storageSnapshotLifetimeMs !== null && stats.storageSnapshotLifetimeMs > 0);
       assert.equal(run.storageSnapshotCount, 1);
       assert.equal(await restoredMd5(restorePoint.id), reference);
