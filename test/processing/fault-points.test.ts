@@ -231,7 +231,17 @@ describe('crash safety: SIGKILL at every fault point', () => {
     assert.equal(next.vms[0]?.stats?.mode, mode, 'the next backup ran in the mode asked for');
     assert.deepEqual(await leftovers(vm, btrfsMount), [], 'the next backup left nothing');
     assert.deepEqual(readdirSync(join(repoPath(), 'locks')), [], 'no repository lock is left');
-    await succeeds(['check', '--repo', repoPath(), '--read-data']);
+    // A pack sealed by the killed run but in no index yet is garbage that check names and gc removes (the
+    // repository's own suite covers it point by point); anything else check says fails the test.
+    const check = await snapshift(['check', '--repo', repoPath(), '--read-data']);
+    if (check.status === 1) {
+      const warnings = check.stderr.split('\n').filter((line) => line.startsWith('warning:'));
+      assert.ok(warnings.length > 0 && warnings.every((line) => /is in no index \(left by an interrupted backup; gc removes it\)/.test(line)), `check warned:\n${check.stdout}${check.stderr}`);
+      await succeeds(['gc', '--repo', repoPath(), '--safety-window', '0']);
+      await succeeds(['check', '--repo', repoPath(), '--read-data']);
+    } else {
+      assert.equal(check.status, 0, `check exited ${check.status}:\n${check.stdout}${check.stderr}`);
+    }
     assert.ok((await proveRestorePoints(vmName, vm.writer)) >= 1, 'the next backup made a provable restore point');
     await assertNoWriteLost(vm);
   }
