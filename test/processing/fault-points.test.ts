@@ -235,7 +235,7 @@ describe('crash safety: SIGKILL at every fault point', () => {
     // repository's own suite covers it point by point); anything else check says fails the test.
     const check = await snapshift(['check', '--repo', repoPath(), '--read-data']);
     if (check.status === 1) {
-      const warnings = check.stderr.split('\n').filter((line) => line.startsWith('warning:'));
+      const warnings = `${check.stdout}\n${check.stderr}`.split('\n').filter((line) => line.startsWith('warning:'));
       assert.ok(warnings.length > 0 && warnings.every((line) => /is in no index \(left by an interrupted backup; gc removes it\)/.test(line)), `check warned:\n${check.stdout}${check.stderr}`);
       await succeeds(['gc', '--repo', repoPath(), '--safety-window', '0']);
       await succeeds(['check', '--repo', repoPath(), '--read-data']);
