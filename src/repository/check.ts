@@ -2,11 +2,12 @@ import { tempFileOwnerIsLive } from './temp-files.ts';
 import { performance } from 'node:perf_hooks';
 import { SnapshiftError } from '../core/errors.ts';
 import type { Repository } from './repository.ts';
-import { readPackTrailer } from './pack-format.ts';
+import type { BackendEntry } from './backend/storage-backend.ts';
+import { decodeIndexFile, packLayoutProblem, packPath, readPackTail, type BlobEntry, type IndexFileContent } from './pack-format.ts';
 import { markLiveChunks, restorePointsNaming, type LiveChunk } from './live-chunks.ts';
 
 export interface CheckProblem {
-  kind: 'index-damaged' | 'manifest-damaged' | 'pack-missing' | 'pack-damaged' | 'chunk-missing' | 'chunk-damaged';
+  kind: 'index-damaged' | 'index-mismatch' | 'manifest-damaged' | 'pack-missing' | 'pack-damaged' | 'chunk-missing' | 'chunk-damaged';
   message: string;
   chunkId?: string;
   pack?: string;
@@ -24,10 +25,14 @@ export interface CheckReport {
   durationMs: number;
 }
 
+/** Trailers read at once while comparing an index file with them (each read is a few KiB). */
+const trailerReadsInFlight = 8;
+
 /**
- * Checks a repository's structure (config, key, index files, manifests, pack trailers, every referenced
- * chunk indexed); with `readDataPercent`, also decrypts and re-hashes the referenced chunks of that share
- * of packs. Never changes the repository (a read-only one is checked without a lock; `onWarning` says so).
+ * Checks a repository's structure (config, key, index files, manifests, pack trailers and their layout, the
+ * index files against the trailers, every referenced chunk indexed); with `readDataPercent`, also decrypts
+ * and re-hashes the referenced chunks of that share of packs. Never changes the repository (a read-only one
+ * is checked without a lock; `onWarning` says so).
  */
 export async function checkRepository(repository: Repository, opts: { readDataPercent?: number; onWarning?: (message: string) => void } = {}): Promise<CheckReport> {
   const started = performance.now();
@@ -46,8 +51,32 @@ export async function checkRepository(repository: Repository, opts: { readDataPe
     problems.push({ kind: 'chunk-missing', chunkId, message: `chunk ${chunkId} is missing (no index entry)`, restorePoints: [...points] });
   }
 
-  const packFiles = new Map((await repository.backend.list('data')).map((e) => [e.name.split('/').at(-1)!, e]));
+  // Readers look for a pack only at data/<first 2 hex of its id>/<id>: a file anywhere else is not a pack.
+  const packFiles = new Map<string, BackendEntry>();
+  for (const entry of await repository.backend.list('data')) {
+    const packId = entry.name.split('/').at(-1)!;
+    if (/^[0-9a-f]{64}$/.test(packId) && entry.name === packPath(packId)) packFiles.set(packId, entry);
+    else warnings.push(`${entry.name} is not where a pack is stored (data/<first 2 hex digits of the pack id>/<64 hex digits>): no reader sees it`);
+  }
   const badIds = new Map<string, CheckProblem>();
+  // Read once per pack, and a damaged trailer reported once, whichever pass reads it first.
+  const trailersRead = new Set<string>();
+  const readTrailer = async (packId: string, sizeBytes: number, readRange: (offset: number, length: number) => Promise<Buffer>): Promise<BlobEntry[] | undefined> => {
+    const first = !trailersRead.has(packId);
+    trailersRead.add(packId);
+    const name = packPath(packId);
+    try {
+      const { blobs, trailerOffsetBytes } = await readPackTail(repository.keys, name, sizeBytes, readRange);
+      const layout = packLayoutProblem(blobs, trailerOffsetBytes);
+      if (layout !== undefined && first) problems.push({ kind: 'pack-damaged', pack: name, message: `pack ${name} is damaged (${layout})`, restorePoints: [] });
+      return blobs;
+    } catch (error) {
+      if (!(error instanceof SnapshiftError)) throw error;
+      if (first) problems.push({ kind: 'pack-damaged', pack: name, message: error.message, restorePoints: [] });
+      return undefined;
+    }
+  };
+  const mismatchedIds = await compareIndexWithTrailers(repository, packFiles, readTrailer, problems);
   const packNos = [...repository.packIds.keys()];
   const sampled = new Set(opts.readDataPercent === undefined ? [] : sample(packNos, opts.readDataPercent));
   let chunksVerified = 0;
@@ -66,12 +95,9 @@ export async function checkRepository(repository: Repository, opts: { readDataPe
     }
     packFiles.delete(packId);
     const whole = sampled.has(packNo) ? await repository.backend.get(name) : undefined;
-    const readRange = whole ? async (o: number, l: number) => whole.subarray(o, o + l) : (o: number, l: number) => repository.backend.getRange(name, o, l);
-    try {
-      await readPackTrailer(repository.keys, name, file.sizeBytes, readRange);
-    } catch (error) {
-      if (!(error instanceof SnapshiftError)) throw error;
-      problems.push({ kind: 'pack-damaged', pack: name, message: error.message, restorePoints: [] });
+    // Packs no readable index file lists (read from their trailers at load) were not compared above.
+    if (!trailersRead.has(packId)) {
+      await readTrailer(packId, file.sizeBytes, whole ? async (o, l) => whole.subarray(o, o + l) : (o, l) => repository.backend.getRange(name, o, l));
     }
     if (!whole) continue;
     const verifyOne = async (chunk: LiveChunk): Promise<void> => {
@@ -96,15 +122,78 @@ export async function checkRepository(repository: Repository, opts: { readDataPe
   const tempFiles = (await repository.backend.list('tmp')).filter((entry) => !tempFileOwnerIsLive(entry.name));
   if (tempFiles.length > 0) warnings.push(`${tempFiles.length} temporary file(s) in tmp/ (left by interrupted writes; the next backup on this host or gc removes them)`);
 
-  const affected = await restorePointsNaming(repository, new Set(badIds.keys()));
+  const affected = await restorePointsNaming(repository, new Set([...badIds.keys(), ...mismatchedIds.keys()]));
   for (const [idHex, problem] of badIds) {
     problem.restorePoints = [...(affected.get(idHex) ?? [])];
     problems.push(problem);
   }
+  for (const [idHex, mismatches] of mismatchedIds) for (const problem of mismatches) problem.restorePoints = [...(affected.get(idHex) ?? [])];
   for (const problem of problems) {
     if (problem.restorePoints.length > 0 && !problem.message.includes('restore point')) problem.message += `; affects restore point(s) ${problem.restorePoints.join(', ')}`;
   }
   return { problems, warnings, restorePoints: live.restorePoints + live.damagedManifests.length, packs: packNos.length, chunksVerified, bytesVerified, durationMs: performance.now() - started };
+}
+
+/**
+ * The index files against the pack trailers (docs/FORMAT.md § Packs, § Index files): every entry an index
+ * file lists for a pack must be in that pack's trailer, at the same offset, with the same stored length and
+ * compression, and the same raw length unless the index left it out (0). A trailer may list more blobs than
+ * the index: gc's index leaves out the unreferenced blobs of the packs it keeps. One index file at a time, so
+ * memory stays that of one file; a pack missing from data/ is reported by the caller. Returns the problems
+ * by chunk id (their restore points are filled in later).
+ */
+async function compareIndexWithTrailers(
+  repository: Repository,
+  packFiles: ReadonlyMap<string, BackendEntry>,
+  readTrailer: (packId: string, sizeBytes: number, readRange: (offset: number, length: number) => Promise<Buffer>) => Promise<BlobEntry[] | undefined>,
+  problems: CheckProblem[],
+): Promise<Map<string, CheckProblem[]>> {
+  const mismatched = new Map<string, CheckProblem[]>();
+  const damagedNames = new Set(repository.damagedIndexFiles.map((damaged) => damaged.name));
+  for (const indexName of repository.indexFiles.filter((name) => !damagedNames.has(name))) {
+    let content: IndexFileContent;
+    try {
+      content = decodeIndexFile(repository.keys, await repository.backend.get(indexName), indexName);
+    } catch (error) {
+      if (!(error instanceof SnapshiftError)) throw error;
+      problems.push({ kind: 'index-damaged', message: error.message, restorePoints: [] });
+      continue;
+    }
+    const comparePack = async ({ packId, blobs }: IndexFileContent['packs'][number]): Promise<void> => {
+      const file = packFiles.get(packId);
+      if (!file || blobs.length === 0) return;
+      const trailer = await readTrailer(packId, file.sizeBytes, (offset, length) => repository.backend.getRange(file.name, offset, length));
+      if (!trailer) return;
+      const inTrailer = new Map(trailer.map((blob) => [blob.id.toString('hex'), blob]));
+      for (const indexed of blobs) {
+        const idHex = indexed.id.toString('hex');
+        const difference = entryDifference(indexed, inTrailer.get(idHex));
+        if (difference === undefined) continue;
+        const problem: CheckProblem = { kind: 'index-mismatch', chunkId: idHex, pack: file.name, message: `index file ${indexName} and the trailer of pack ${file.name} disagree on chunk ${idHex}: ${difference} (check --read-data verifies the blob the index points at; "snapshift repo repair-index" rebuilds the index from the trailers)`, restorePoints: [] };
+        problems.push(problem);
+        mismatched.set(idHex, [...(mismatched.get(idHex) ?? []), problem]);
+      }
+    };
+    const inFlight = new Set<Promise<void>>();
+    for (const pack of content.packs) {
+      const step = comparePack(pack).finally(() => inFlight.delete(step));
+      inFlight.add(step);
+      if (inFlight.size >= trailerReadsInFlight) await Promise.race(inFlight);
+    }
+    await Promise.all(inFlight);
+  }
+  return mismatched;
+}
+
+/** How an index entry differs from the pack trailer's entry for the same id, or undefined when they agree. */
+function entryDifference(indexed: BlobEntry, inTrailer: BlobEntry | undefined): string | undefined {
+  if (!inTrailer) return 'the index lists it, the trailer does not';
+  const differences: string[] = [];
+  if (indexed.offsetBytes !== inTrailer.offsetBytes) differences.push(`offset ${indexed.offsetBytes} in the index, ${inTrailer.offsetBytes} in the trailer`);
+  if (indexed.storedLength !== inTrailer.storedLength) differences.push(`stored length ${indexed.storedLength} in the index, ${inTrailer.storedLength} in the trailer`);
+  if (indexed.compressed !== inTrailer.compressed) differences.push(`${indexed.compressed ? 'compressed' : 'not compressed'} in the index, ${inTrailer.compressed ? 'compressed' : 'not compressed'} in the trailer`);
+  if (indexed.rawLength !== 0 && indexed.rawLength !== inTrailer.rawLength) differences.push(`raw length ${indexed.rawLength} in the index, ${inTrailer.rawLength} in the trailer`);
+  return differences.length === 0 ? undefined : differences.join('; ');
 }
 
 function sample<T>(items: readonly T[], percent: number): T[] {

@@ -35,14 +35,39 @@ export function encodePackTrailer(keys: RepositoryKeys, blobs: readonly BlobEntr
 
 /** Reads a pack's blob list from its last bytes; `readRange` reads from the pack. */
 export async function readPackTrailer(keys: RepositoryKeys, packName: string, packSizeBytes: number, readRange: (offset: number, length: number) => Promise<Buffer>): Promise<BlobEntry[]> {
+  return (await readPackTail(keys, packName, packSizeBytes, readRange)).blobs;
+}
+
+/** A pack's blob list and where its sealed trailer starts (= the bytes its blobs take, back to back). */
+export async function readPackTail(keys: RepositoryKeys, packName: string, packSizeBytes: number, readRange: (offset: number, length: number) => Promise<Buffer>): Promise<{ blobs: BlobEntry[]; trailerOffsetBytes: number }> {
   const damaged = (reason: string): SnapshiftError => new SnapshiftError('REPO_FILE_DAMAGED', `pack ${packName} is damaged (${reason})`);
   if (packSizeBytes < 8) throw damaged('too short');
   const tail = await readRange(packSizeBytes - 8, 8);
   if (!tail.subarray(4).equals(packMagic)) throw damaged('no pack magic at its end');
   const trailerLength = tail.readUInt32LE(0);
   if (trailerLength + 8 > packSizeBytes) throw damaged('trailer length out of range');
-  const body = unseal(keys, SealedType.packTrailer, await readRange(packSizeBytes - 8 - trailerLength, trailerLength), `trailer of pack ${packName}`);
-  return decodeEntries(body, 0, trailerEntryBytes, () => damaged('trailer body has a wrong length'));
+  const trailerOffsetBytes = packSizeBytes - 8 - trailerLength;
+  const body = unseal(keys, SealedType.packTrailer, await readRange(trailerOffsetBytes, trailerLength), `trailer of pack ${packName}`);
+  return { blobs: decodeEntries(body, 0, trailerEntryBytes, () => damaged('trailer body has a wrong length or an unknown blob flag')), trailerOffsetBytes };
+}
+
+/**
+ * Why a pack's trailer does not describe blobs stored back to back from byte 0 up to the trailer, in
+ * trailer order (docs/FORMAT.md § Packs), or undefined when it does.
+ */
+export function packLayoutProblem(blobs: readonly BlobEntry[], trailerOffsetBytes: number): string | undefined {
+  let expected = 0;
+  for (const blob of blobs) {
+    if (blob.offsetBytes !== expected) return `blob ${blob.id.toString('hex')} starts at byte ${blob.offsetBytes}, not ${expected} where the blob before it ends`;
+    expected += blob.storedLength;
+  }
+  return expected === trailerOffsetBytes ? undefined : `its blobs end at byte ${expected}, but its trailer starts at byte ${trailerOffsetBytes}`;
+}
+
+/** Blob flags (docs/FORMAT.md § Blobs): bit 0 = zstd-compressed; any other bit set means a damaged entry. */
+function compressedFlag(flags: number, damaged: () => Error): boolean {
+  if (flags > 1) throw damaged();
+  return flags === 1;
 }
 
 function decodeEntries(body: Buffer, start: number, entryBytes: number, damaged: () => Error): BlobEntry[] {
@@ -57,7 +82,7 @@ function decodeEntries(body: Buffer, start: number, entryBytes: number, damaged:
       offsetBytes: body.readUInt32LE(base + 32),
       storedLength: body.readUInt32LE(base + 36),
       rawLength: body.readUInt32LE(base + 40),
-      compressed: body[base + 44] === 1,
+      compressed: compressedFlag(body[base + 44]!, damaged),
     });
   }
   return blobs;
@@ -92,7 +117,7 @@ export function encodeIndexFile(keys: RepositoryKeys, content: IndexFileContent)
 
 export function decodeIndexFile(keys: RepositoryKeys, sealed: Buffer, name: string): IndexFileContent {
   const body = unseal(keys, SealedType.index, sealed, `index file ${name}`);
-  const damaged = (): SnapshiftError => new SnapshiftError('REPO_FILE_DAMAGED', `index file ${name} is damaged (wrong body length)`);
+  const damaged = (): SnapshiftError => new SnapshiftError('REPO_FILE_DAMAGED', `index file ${name} is damaged (wrong body length, pack ordinal or blob flag)`);
   if (body.length < 8) throw damaged();
   const packCount = body.readUInt32LE(0);
   const entriesAt = 4 + packCount * 32;
@@ -110,7 +135,7 @@ export function decodeIndexFile(keys: RepositoryKeys, sealed: Buffer, name: stri
       offsetBytes: body.readUInt32LE(base + 36),
       storedLength: body.readUInt32LE(base + 40),
       rawLength: body.readUInt32LE(base + 44),
-      compressed: body[base + 48] === 1,
+      compressed: compressedFlag(body[base + 48]!, damaged),
     });
   }
   return { packs };

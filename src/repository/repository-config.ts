@@ -18,10 +18,12 @@ export const minChunkSizeBytes = 256 * 1024;
 export const maxChunkSizeBytes = 8 * 1024 * 1024;
 export const defaultChunkSizeBytes = 1024 * 1024;
 export const defaultPackTargetBytes = 32 * 1024 * 1024;
+/** Packs stay far below 4 GiB, so u32 offsets always fit (docs/FORMAT.md § config). */
+export const maxPackTargetBytes = 1024 * 1024 * 1024;
 
 export type Compression = { kind: 'none' } | { kind: 'zstd'; level: number };
 
-/** Parses `none`, `zstd` or `zstd:N` (N = 1..19). */
+/** Parses `none`, `zstd` or `zstd:N` (N = 1..19); `zstd` alone is level 1. */
 export function parseCompression(text: string): Compression {
   if (text === 'none') return { kind: 'none' };
   const match = /^zstd(?::(\d+))?$/.exec(text);
@@ -32,11 +34,20 @@ export function parseCompression(text: string): Compression {
   return { kind: 'zstd', level };
 }
 
+/** The config's spelling of a compression: `none` or `zstd:N` (`repo init --compression zstd` writes `zstd:1`). */
+export function formatCompression(compression: Compression): string {
+  return compression.kind === 'none' ? 'none' : `zstd:${compression.level}`;
+}
+
 export function checkChunkSize(chunkSizeBytes: number): void {
   const powerOfTwo = Number.isInteger(chunkSizeBytes) && (chunkSizeBytes & (chunkSizeBytes - 1)) === 0;
   if (!powerOfTwo || chunkSizeBytes < minChunkSizeBytes || chunkSizeBytes > maxChunkSizeBytes) {
     throw new SnapshiftError('BAD_ARGUMENT', `chunk size ${chunkSizeBytes} is not a power of two from 256 KiB to 8 MiB`);
   }
+}
+
+export function packTargetIsValid(packTargetBytes: number): boolean {
+  return Number.isSafeInteger(packTargetBytes) && packTargetBytes >= 1 && packTargetBytes <= maxPackTargetBytes;
 }
 
 /** Validates a config read from disk; refuses newer formats instead of guessing. */
@@ -57,6 +68,9 @@ export function parseConfig(text: string, location: string): RepositoryConfig {
   }
   if (config.encryption === 'none' && (typeof config.idKey !== 'string' || config.idKey.length !== 64)) {
     throw new SnapshiftError('REPO_CONFIG_DAMAGED', `${location}/config is damaged (unencrypted repository without its id key)`);
+  }
+  if (!packTargetIsValid(config.packTargetBytes)) {
+    throw new SnapshiftError('REPO_CONFIG_DAMAGED', `${location}/config is damaged (packTargetBytes ${config.packTargetBytes} is not a whole number from 1 to ${maxPackTargetBytes})`);
   }
   checkChunkSize(config.chunkSizeBytes);
   parseCompression(config.compression);

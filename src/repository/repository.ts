@@ -10,7 +10,7 @@ import { BlobWorkerPool } from './blob-worker-pool.ts';
 import { ChunkIndex } from './chunk-index.ts';
 import { decodeIndexFile, encodeIndexFile, packPath, readPackTrailer, type BlobEntry, type IndexFileContent } from './pack-format.ts';
 import { keysFromMaster, makeKeySlot, newMasterKey, openKeySlot, parseKeySlot, type RepositoryKeys } from './repository-keys.ts';
-import { checkChunkSize, defaultChunkSizeBytes, defaultPackTargetBytes, formatVersion, parseCompression, parseConfig, type RepositoryConfig } from './repository-config.ts';
+import { checkChunkSize, defaultChunkSizeBytes, defaultPackTargetBytes, formatCompression, formatVersion, maxPackTargetBytes, packTargetIsValid, parseCompression, parseConfig, type RepositoryConfig } from './repository-config.ts';
 import { manifestPath, readManifestHeader, summaryOf, type RestorePointSummary } from './manifest.ts';
 import { RepositoryLock, assertNotLocked, type LockKind } from './repository-lock.ts';
 import { BackupWriter } from './backup-writer.ts';
@@ -39,8 +39,10 @@ export async function initRepository(path: string, opts: InitOptions): Promise<v
   const location = resolve(path);
   const chunkSizeBytes = opts.chunkSizeBytes ?? defaultChunkSizeBytes;
   checkChunkSize(chunkSizeBytes);
-  const compression = opts.compression ?? 'zstd:1';
-  parseCompression(compression);
+  // Written as `zstd:N` whatever the spelling asked for (`zstd` is level 1): the config has one form.
+  const compression = formatCompression(parseCompression(opts.compression ?? 'zstd:1'));
+  const packTargetBytes = opts.packTargetBytes ?? defaultPackTargetBytes;
+  if (!packTargetIsValid(packTargetBytes)) throw new SnapshiftError('BAD_ARGUMENT', `pack target ${packTargetBytes} is not a whole number of bytes from 1 to ${maxPackTargetBytes}`);
   if (opts.encryption && !opts.password) throw new SnapshiftError('REPO_PASSWORD_REQUIRED', 'an encrypted repository needs a password (or ask for --no-encryption explicitly)');
   const existing: string[] = await readdir(location).catch((error: NodeJS.ErrnoException) => {
     if (error.code === 'ENOENT') return [];
@@ -58,7 +60,7 @@ export async function initRepository(path: string, opts: InitOptions): Promise<v
     chunkSizeBytes,
     compression,
     encryption: opts.encryption ? 'aes-256-gcm' : 'none',
-    packTargetBytes: opts.packTargetBytes ?? defaultPackTargetBytes,
+    packTargetBytes,
   };
   const backend = new LocalBackend(location);
   if (opts.encryption) {
