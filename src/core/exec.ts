@@ -1,5 +1,5 @@
 import { execFile, spawn, type SpawnOptions, type ChildProcess } from 'node:child_process';
-import { SnapshiftError } from './errors.ts';
+import { SnapshiftError, type ErrorCode } from './errors.ts';
 
 export interface ExecResult {
   stdout: string;
@@ -13,7 +13,7 @@ export interface ExecResult {
 export async function exec(
   program: string,
   args: readonly string[],
-  options: { timeoutMs?: number; input?: string | Buffer; code?: string; cwd?: string; /** Ends the program (SIGTERM) when aborted. */ signal?: AbortSignal } = {},
+  options: { timeoutMs?: number; input?: string | Buffer; code?: ErrorCode; cwd?: string; /** Ends the program (SIGTERM) when aborted. */ signal?: AbortSignal } = {},
 ): Promise<ExecResult> {
   return new Promise((resolve, reject) => {
     const child = execFile(
