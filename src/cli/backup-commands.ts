@@ -1,6 +1,7 @@
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { ExitStatus, SnapshiftError } from '../core/errors.ts';
+import { checkVmName } from '../catalog/index.ts';
 import { runBackup, type BackupRunResult, type ProcessingMode } from '../processing/backup-run.ts';
 import type { TaskStats } from '../processing/task-stats.ts';
 import { huntOverlaysOnHosts, huntVmSnapshots } from '../processing/snapshot-hunter.ts';
@@ -42,6 +43,7 @@ export function registerBackupCommands(program: Command): void {
         const mode: ProcessingMode = options.mode;
         const vmsPerStorageSnapshot = positiveInteger(options.vmsPerStorageSnapshot, '--vms-per-storage-snapshot');
         const maxReadRate = options.maxReadRate === undefined ? undefined : positiveInteger(options.maxReadRate, '--max-read-rate');
+        for (const name of vmNames) checkVmName(name);
         using catalog = openCatalog(command);
         const hosts = vmNames.map((name) => {
           const host = catalog.getHost(name);
