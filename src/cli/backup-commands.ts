@@ -97,7 +97,7 @@ export function registerBackupCommands(program: Command): void {
               restorePointId: outcome.result?.restorePoint.id,
               stats: outcome.result?.stats,
               failoverReason: outcome.result?.failoverReason,
-              warnings: outcome.result?.warnings,
+              warnings: outcome.result?.warnings ?? outcome.warnings,
               storage: outcome.result?.storageKinds,
               error: outcome.error?.message,
             })),
@@ -108,6 +108,7 @@ export function registerBackupCommands(program: Command): void {
           for (const outcome of run.outcomes) {
             if (outcome.error) {
               console.error(`${outcome.vmName}: failed: ${outcome.error.message}`);
+              for (const warning of outcome.warnings ?? []) console.error(`${outcome.vmName}: warning: ${warning}`);
               continue;
             }
             const result = outcome.result!;
