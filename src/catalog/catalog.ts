@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { SnapshiftError } from '../core/errors.ts';
 import { migrate } from './schema.ts';
 import { JobStore } from './job-store.ts';
+import { checkVmName } from './vm-name.ts';
 
 export interface HostRecord {
   name: string;
@@ -89,6 +90,7 @@ export class Catalog implements Disposable {
   // ---- hosts (for QEMU one host is one QEMU process, hence one VM of the same name)
 
   addHost(host: Omit<HostRecord, 'createdAt'>): HostRecord {
+    checkVmName(host.name);
     const createdAt = new Date().toISOString();
     this.#db
       .prepare(

@@ -1,6 +1,7 @@
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { ExitStatus, SnapshiftError } from '../core/errors.ts';
+import { checkVmName } from '../catalog/index.ts';
 import { runBackup, type BackupRunResult, type ProcessingMode } from '../processing/backup-run.ts';
 import type { TaskStats } from '../processing/task-stats.ts';
 import { huntOverlaysOnHosts, huntVmSnapshots } from '../processing/snapshot-hunter.ts';
@@ -42,6 +43,7 @@ export function registerBackupCommands(program: Command): void {
         const mode: ProcessingMode = options.mode;
         const vmsPerStorageSnapshot = positiveInteger(options.vmsPerStorageSnapshot, '--vms-per-storage-snapshot');
         const maxReadRate = options.maxReadRate === undefined ? undefined : positiveInteger(options.maxReadRate, '--max-read-rate');
+        for (const name of vmNames) checkVmName(name);
         using catalog = openCatalog(command);
         const hosts = vmNames.map((name) => {
           const host = catalog.getHost(name);
@@ -95,7 +97,7 @@ export function registerBackupCommands(program: Command): void {
               restorePointId: outcome.result?.restorePoint.id,
               stats: outcome.result?.stats,
               failoverReason: outcome.result?.failoverReason,
-              warnings: outcome.result?.warnings,
+              warnings: outcome.result?.warnings ?? outcome.warnings,
               storage: outcome.result?.storageKinds,
               error: outcome.error?.message,
             })),
@@ -106,6 +108,7 @@ export function registerBackupCommands(program: Command): void {
           for (const outcome of run.outcomes) {
             if (outcome.error) {
               console.error(`${outcome.vmName}: failed: ${outcome.error.message}`);
+              for (const warning of outcome.warnings ?? []) console.error(`${outcome.vmName}: warning: ${warning}`);
               continue;
             }
             const result = outcome.result!;

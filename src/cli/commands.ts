@@ -1,5 +1,6 @@
 import type { Command } from 'commander';
 import { registerBackupCommands } from './backup-commands.ts';
+import { registerCatalogCommands } from './catalog-commands.ts';
 import { registerDaemonCommand } from './daemon-command.ts';
 import { registerDemoCommand } from './demo-command.ts';
 import { registerDoctorCommand } from './doctor-command.ts';
@@ -24,4 +25,5 @@ export function registerCommands(program: Command): void {
   registerLabCommands(program);
   registerDemoCommand(program);
   registerDoctorCommand(program);
+  registerCatalogCommands(program);
 }

@@ -2,6 +2,7 @@ import { readdirSync, statSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { SnapshiftError } from '../core/errors.ts';
+import { checkVmName } from '../catalog/index.ts';
 import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
 import { openCatalog, printJson } from './context.ts';
 import { formatBytes, formatColumns } from './format.ts';
@@ -22,6 +23,7 @@ export function registerHostCommands(program: Command): void {
     .addHelpText('after', '\nExample:\n  snapshift host add qemu --qmp /run/vm1/qmp.sock --name vm1')
     .action(async (kind: string, options: { qmp: string; name: string; nbdSocket?: string; qga?: string; json?: boolean }, command: Command) => {
       if (kind !== 'qemu') throw new SnapshiftError('USAGE', `unknown host kind "${kind}": only "qemu" is supported`);
+      checkVmName(options.name);
       const address = {
         name: options.name,
         qmpSocketPath: resolve(options.qmp),

@@ -6,6 +6,7 @@ import { parse as parseYaml } from 'yaml';
 import { SessionState, type Catalog } from '../catalog/index.ts';
 import { SnapshiftError } from '../core/errors.ts';
 import { parseJobDefinition, type JobDefinition } from '../jobs/job-definition.ts';
+import { jobPassword } from '../jobs/job-password.ts';
 import { runJob, type JobRunResult } from '../jobs/job-runner.ts';
 import { homeOf, openCatalog, printJson } from './context.ts';
 import { formatColumns, formatTable } from './format.ts';
@@ -225,12 +226,9 @@ export async function runJobFromCli(
   }
 }
 
-/** The job's repository password: its password file, else SNAPSHIFT_PASSWORD; none for an unencrypted repository. */
+/** The job's repository password (jobs/job-password.ts: credential, password file, SNAPSHIFT_PASSWORD), else a prompt. */
 export async function passwordFor(job: JobDefinition): Promise<string | undefined> {
-  const config = await readFile(resolve(job.repository, 'config'), 'utf8').catch(() => undefined);
-  if (config !== undefined && /"encryption":\s*"none"/.test(config)) return undefined;
-  if (config === undefined) return process.env.SNAPSHIFT_PASSWORD; // a missing repository is reported by the run
-  return resolvePassword({ passwordFile: job.passwordFile });
+  return jobPassword(job, { prompt: () => resolvePassword() });
 }
 
 function printJobResult(result: JobRunResult): void {

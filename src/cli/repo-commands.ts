@@ -2,6 +2,7 @@ import type { Command } from 'commander';
 import { SnapshiftError } from '../core/errors.ts';
 import { resolvePassword } from './password.ts';
 import { openRepositoryAt } from './repository-access.ts';
+import { forgetInCatalog } from './catalog-commands.ts';
 import {
   addKey, applyRetention, checkRepository, collectGarbage, forgetRestorePoints, initRepository, listKeys,
   removeKey, repairIndex, repositoryInfo, type Repository, type RetentionPolicy,
@@ -138,11 +139,12 @@ export function registerRepoCommands(program: Command): void {
     .option('--vm <name>', 'only this VM')
     .option('--dry-run', 'list what would go, change nothing')
     .option('--json', 'print JSON'))
-    .action(async (opts: RepoOptions & RetentionPolicy & { vm?: string; dryRun?: boolean }) => {
+    .action(async (opts: RepoOptions & RetentionPolicy & { vm?: string; dryRun?: boolean }, command: Command) => {
       const policy: RetentionPolicy = { keepLast: opts.keepLast, keepDaily: opts.keepDaily, keepWeekly: opts.keepWeekly, keepMonthly: opts.keepMonthly };
       applyRetention([], policy); // a policy that keeps nothing is a usage error before anything opens
       await using repository = await open(opts);
       const decisions = await forgetRestorePoints(repository, policy, { vmName: opts.vm, dryRun: opts.dryRun });
+      if (!opts.dryRun) forgetInCatalog(command, decisions.filter((d) => !d.keep).map((d) => d.point.id));
       print(opts, decisions.map((d) => ({ id: d.point.id, vmName: d.point.vmName, createdAt: d.point.createdAt, keep: d.keep, reasons: d.reasons })), () => [
         ...decisions.map((d) => `${d.keep ? 'keep  ' : opts.dryRun ? 'would remove' : 'remove'} ${d.point.id.slice(0, 12)}  ${d.point.createdAt}  ${d.point.vmName}  ${d.reasons.join(', ')}`),
         `${decisions.filter((d) => !d.keep).length} restore point(s) ${opts.dryRun ? 'would be' : ''} forgotten; run "snapshift gc" to free their space`,

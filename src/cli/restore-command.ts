@@ -75,6 +75,6 @@ export function registerRestoreCommand(program: Command): void {
 function resolvePoint(catalog: Catalog, vmName: string, point: string): string {
   if (point !== 'latest') return point;
   const latest = catalog.listRestorePoints(vmName).at(-1);
-  if (!latest) throw new SnapshiftError('RESTORE_POINT_UNKNOWN', `no restore points for ${vmName} in the catalog`);
+  if (!latest) throw new SnapshiftError('RESTORE_POINT_UNKNOWN', `no restore points for ${vmName} in the catalog (a new or lost catalog? run "snapshift catalog sync --repo PATH", or give --point ID)`);
   return latest.id;
 }

@@ -1,3 +1,149 @@
+/** Exit statuses a user can rely on (DESIGN.md § Conventions, README § Exit statuses). */
+export const ExitStatus = {
+  success: 0,
+  warning: 1,
+  failed: 2,
+  /** Stopped by Ctrl-C / SIGTERM after undoing its work. */
+  stopped: 3,
+  usage: 64,
+} as const;
+export type ExitStatus = (typeof ExitStatus)[keyof typeof ExitStatus];
+
+interface ErrorCodeInfo {
+  exitStatus: ExitStatus;
+  /** One line for docs/ERRORS.md: what went wrong, in a user's words. */
+  meaning: string;
+}
+
+const failed = ExitStatus.failed;
+
+/**
+ * Every error code snapshift raises, with the exit status the CLI gives it and what it means. A code not
+ * listed here does not type-check: add it here (and regenerate docs/ERRORS.md with
+ * `node --import tsx scripts/error-codes.ts > docs/ERRORS.md`).
+ */
+export const errorCodes = {
+  // Usage: the request was malformed, nothing was attempted.
+  USAGE: { exitStatus: ExitStatus.usage, meaning: 'a command-line argument, option or job definition is malformed' },
+  BAD_ARGUMENT: { exitStatus: ExitStatus.usage, meaning: 'a value given to a command or API call is out of range (password file, chunk range, number)' },
+
+  // State and catalog
+  CATALOG_OPEN_FAILED: { exitStatus: failed, meaning: 'the catalog (catalog.sqlite under the home folder) cannot be opened' },
+  DAEMON_RUNNING: { exitStatus: failed, meaning: 'another snapshift daemon already runs for this catalog' },
+  HOST_UNKNOWN: { exitStatus: failed, meaning: 'no host of that name is registered' },
+  VM_UNKNOWN: { exitStatus: failed, meaning: 'no VM of that name is registered (snapshift host add)' },
+  JOB_UNKNOWN: { exitStatus: failed, meaning: 'no job of that name exists' },
+  SESSION_UNKNOWN: { exitStatus: failed, meaning: 'no session with that id (or id prefix) exists' },
+
+  // Programs we run
+  PROGRAM_MISSING: { exitStatus: failed, meaning: 'a program snapshift needs is not installed (bash scripts/setup.sh)' },
+  COMMAND_FAILED: { exitStatus: failed, meaning: 'a program snapshift ran exited with an error; its last stderr line is in the message' },
+
+  // Hypervisor: QEMU monitor, guest agent, VM snapshots
+  QMP_CONNECT_FAILED: { exitStatus: failed, meaning: 'the VM\'s QMP socket cannot be reached' },
+  QMP_NOT_QEMU: { exitStatus: failed, meaning: 'the socket does not speak QMP, or another client holds it' },
+  QMP_DISCONNECTED: { exitStatus: failed, meaning: 'the QMP connection closed during a command' },
+  QMP_TIMEOUT: { exitStatus: failed, meaning: 'QEMU did not answer a QMP command in time' },
+  QMP_PROTOCOL_ERROR: { exitStatus: failed, meaning: 'QEMU sent something that is not QMP' },
+  QMP_COMMAND_FAILED: { exitStatus: failed, meaning: 'QEMU refused a QMP command; its error class and description are in the message' },
+  QGA_CONNECT_FAILED: { exitStatus: failed, meaning: 'the guest agent socket cannot be reached' },
+  QGA_NOT_AGENT: { exitStatus: failed, meaning: 'the socket did not answer the guest agent\'s sync' },
+  QGA_DISCONNECTED: { exitStatus: failed, meaning: 'the guest agent channel closed' },
+  QGA_TIMEOUT: { exitStatus: failed, meaning: 'the guest agent did not answer in time (is qemu-ga running in the guest?)' },
+  QGA_COMMAND_FAILED: { exitStatus: failed, meaning: 'the guest agent refused a command (e.g. freezing file systems)' },
+  VM_HAS_NO_DISKS: { exitStatus: failed, meaning: 'the VM has no disk to back up' },
+  DISK_FORMAT_UNSUPPORTED: { exitStatus: failed, meaning: 'a disk\'s format cannot be snapshotted (only qcow2 and raw)' },
+  DISK_SIZE_MISMATCH: { exitStatus: failed, meaning: 'the exported disk\'s size differs from what QEMU reports' },
+  VM_SNAPSHOT_FAILED: { exitStatus: failed, meaning: 'the VM snapshot could not be taken' },
+  VM_SNAPSHOT_COMMIT_FAILED: { exitStatus: failed, meaning: 'the VM snapshot could not be committed back (the hunter retries it)' },
+
+  // Data mover: NBD
+  NBD_SERVER_BUSY: { exitStatus: failed, meaning: 'QEMU already runs an NBD server whose socket snapshift does not know (host add --nbd-socket)' },
+  NBD_CONNECT_FAILED: { exitStatus: failed, meaning: 'the NBD socket cannot be reached' },
+  NBD_HANDSHAKE_FAILED: { exitStatus: failed, meaning: 'the NBD server did not complete the handshake' },
+  NBD_EXPORT_NOT_FOUND: { exitStatus: failed, meaning: 'the NBD server has no export of that name' },
+  NBD_META_CONTEXT_UNAVAILABLE: { exitStatus: failed, meaning: 'the NBD export does not offer the block status (or dirty bitmap) asked for' },
+  NBD_DISCONNECTED: { exitStatus: failed, meaning: 'the NBD connection broke' },
+  NBD_PROTOCOL_ERROR: { exitStatus: failed, meaning: 'the NBD server sent a reply that breaks the protocol' },
+  NBD_COMMAND_FAILED: { exitStatus: failed, meaning: 'the NBD server answered a read or block-status request with an error (e.g. EIO)' },
+  NBD_READ_ONLY: { exitStatus: failed, meaning: 'a write was sent to a read-only NBD export' },
+  IMAGE_EXPORT_FAILED: { exitStatus: failed, meaning: 'an image cannot be served over NBD for reading' },
+  STORAGE_DAEMON_FAILED: { exitStatus: failed, meaning: 'qemu-storage-daemon exited at start' },
+
+  // Storage systems
+  STORAGE_UNSUPPORTED: { exitStatus: failed, meaning: 'a disk is on storage no provider can snapshot (a reason to fail over to regular mode)' },
+  STORAGE_LOCATE_FAILED: { exitStatus: failed, meaning: 'the storage volume holding a disk cannot be found' },
+  STORAGE_SNAPSHOT_FAILED: { exitStatus: failed, meaning: 'the storage snapshot could not be taken' },
+  STORAGE_SNAPSHOT_LIST_FAILED: { exitStatus: failed, meaning: 'the storage system\'s snapshots cannot be listed' },
+  STORAGE_SNAPSHOT_RETAIN_FAILED: { exitStatus: failed, meaning: 'a storage snapshot could not be kept as the base of the next incremental' },
+  STORAGE_SNAPSHOT_REMOVE_FAILED: { exitStatus: failed, meaning: 'a storage snapshot could not be removed (snapshift hunt retries)' },
+  STORAGE_NOT_OURS: { exitStatus: failed, meaning: 'refused to remove a snapshot snapshift did not make' },
+  STORAGE_IMAGE_NOT_IN_SNAPSHOT: { exitStatus: failed, meaning: 'a disk image is in none of the session\'s storage snapshots' },
+  STORAGE_GROUP_UNDO_FAILED: { exitStatus: failed, meaning: 'undoing a storage-snapshot group failed (its committed restore points are kept)' },
+  RBD_DIFF_FAILED: { exitStatus: failed, meaning: 'rbd diff could not list a disk\'s changes' },
+  ZFS_COMMAND_FAILED: { exitStatus: failed, meaning: 'a zfs or zpool command failed' },
+  ZFS_NOT_RUNNING: { exitStatus: failed, meaning: 'the ZFS daemon (zfs-fuse) is not running' },
+  ZFS_NOT_ANSWERING: { exitStatus: failed, meaning: 'the ZFS daemon did not answer in time' },
+
+  // Repository
+  REPO_NOT_FOUND: { exitStatus: failed, meaning: 'no repository at that path' },
+  REPO_EXISTS: { exitStatus: failed, meaning: 'repo init was given a folder that is not empty' },
+  REPO_NOT_A_REPOSITORY: { exitStatus: failed, meaning: 'the folder\'s config is not a snapshift repository\'s' },
+  REPO_CONFIG_DAMAGED: { exitStatus: failed, meaning: 'the repository config cannot be read' },
+  REPO_VERSION_UNSUPPORTED: { exitStatus: failed, meaning: 'the repository has a format version this snapshift cannot read' },
+  REPO_PASSWORD_REQUIRED: { exitStatus: failed, meaning: 'the repository is encrypted and no password was given (--password-file, SNAPSHIFT_PASSWORD, a credential)' },
+  REPO_BAD_PASSWORD: { exitStatus: failed, meaning: 'no key slot opens with the password given' },
+  REPO_KEY_DAMAGED: { exitStatus: failed, meaning: 'a key slot is damaged, or none is left' },
+  REPO_KEY_NOT_FOUND: { exitStatus: failed, meaning: 'no key slot (or more than one) matches the id given' },
+  REPO_LAST_KEY: { exitStatus: failed, meaning: 'refused to remove the repository\'s last key slot' },
+  REPO_NOT_ENCRYPTED: { exitStatus: failed, meaning: 'key commands on a repository without encryption' },
+  REPO_LOCKED: { exitStatus: failed, meaning: 'another process holds a conflicting repository lock' },
+  REPO_READ_ONLY: { exitStatus: failed, meaning: 'the repository is on a read-only file system' },
+  REPO_DISK_FULL: { exitStatus: failed, meaning: 'the repository\'s file system is full; nothing was committed' },
+  REPO_SHORT_READ: { exitStatus: failed, meaning: 'a repository file ends early (truncated)' },
+  REPO_FILE_DAMAGED: { exitStatus: failed, meaning: 'a manifest, index or pack file is damaged' },
+  REPO_CHUNK_DAMAGED: { exitStatus: failed, meaning: 'a chunk a restore point needs is missing or damaged (snapshift check)' },
+  REPO_RESTORE_POINT_NOT_FOUND: { exitStatus: failed, meaning: 'no restore point with that id in the repository' },
+  REPO_RESTORE_POINT_AMBIGUOUS: { exitStatus: failed, meaning: 'the restore point id prefix matches several restore points' },
+  REPO_CHECK_FAILED: { exitStatus: failed, meaning: 'snapshift check found errors' },
+  REPO_GC_REFUSED: { exitStatus: failed, meaning: 'gc refused to run because some manifests cannot be read' },
+  REPO_WORKER_FAILED: { exitStatus: failed, meaning: 'a blob worker (hashing, compression, encryption) failed' },
+  REPO_WRITER_CLOSED: { exitStatus: failed, meaning: 'a backup writer was used after it committed or aborted (a bug)' },
+  REPO_CLOSED: { exitStatus: failed, meaning: 'the repository was closed while work was in flight' },
+
+  // Restore
+  RESTORE_POINT_UNKNOWN: { exitStatus: failed, meaning: 'the catalog knows no restore point for that VM (snapshift catalog sync, or --point ID)' },
+  RESTORE_NO_SUCH_DISK: { exitStatus: failed, meaning: 'the restore point has no disk of that name' },
+  RESTORE_TARGET_EXISTS: { exitStatus: failed, meaning: 'the restore target exists (--force overwrites it)' },
+  RESTORE_STOPPED: { exitStatus: ExitStatus.stopped, meaning: 'a restore was stopped by Ctrl-C or SIGTERM; the partial file was removed' },
+
+  // Demo and lab (test machinery)
+  DEMO_BACKUP_FAILED: { exitStatus: failed, meaning: 'a demo backup failed' },
+  DEMO_VERIFY_FAILED: { exitStatus: failed, meaning: 'a demo restore did not equal the disk at its snapshot instant' },
+  LAB_HOST_UNFIT: { exitStatus: failed, meaning: 'this machine lacks what the lab needs (snapshift doctor)' },
+  LAB_NOT_UP: { exitStatus: failed, meaning: 'no lab is up in that folder' },
+  LAB_BROKEN: { exitStatus: failed, meaning: 'the lab is half up; take it down first' },
+  LAB_LOCKED: { exitStatus: failed, meaning: 'the lab state is locked by another process' },
+  LAB_STATE_BAD: { exitStatus: failed, meaning: 'the lab state file is unreadable' },
+  LAB_UP_FAILED: { exitStatus: failed, meaning: 'bringing the lab up failed' },
+  LAB_LOOP_FAILED: { exitStatus: failed, meaning: 'a loop device for a lab datastore could not be set up or detached' },
+  LAB_MOUNT_FAILED: { exitStatus: failed, meaning: 'a lab datastore could not be mounted' },
+  LAB_UNMOUNT_FAILED: { exitStatus: failed, meaning: 'a lab datastore could not be unmounted' },
+  LAB_DATASTORE_UNKNOWN: { exitStatus: failed, meaning: 'the lab has no datastore of that kind' },
+  LAB_KERNEL_DOWNLOAD: { exitStatus: failed, meaning: 'the lab guest kernel could not be downloaded' },
+  LAB_VM_UNKNOWN: { exitStatus: failed, meaning: 'no lab VM of that name' },
+  LAB_VM_EXISTS: { exitStatus: failed, meaning: 'a lab VM of that name already exists' },
+  LAB_VM_RUNNING: { exitStatus: failed, meaning: 'the lab VM is already running' },
+  LAB_VM_NOT_RUNNING: { exitStatus: failed, meaning: 'the lab VM is not running' },
+  LAB_VM_FAILED: { exitStatus: failed, meaning: 'a lab guest stopped unexpectedly' },
+  LAB_ZFS_FAILED: { exitStatus: failed, meaning: 'the lab\'s ZFS pool or daemon failed' },
+  LAB_CEPH_NOT_UP: { exitStatus: failed, meaning: 'no lab Ceph is up' },
+  LAB_CEPH_FAILED: { exitStatus: failed, meaning: 'a lab Ceph daemon exited' },
+  CEPH_COMMAND_FAILED: { exitStatus: failed, meaning: 'a ceph or rbd command of the lab failed' },
+} as const satisfies Record<string, ErrorCodeInfo>;
+
+export type ErrorCode = keyof typeof errorCodes;
+
 /**
  * The one error class of snapshift: a stable `code` that programs match on and a message that tells a
  * person what happened and what to do. The CLI maps codes to exit statuses and prints the message alone.
@@ -5,7 +151,7 @@
 export class SnapshiftError extends Error {
   override readonly name = 'SnapshiftError';
   constructor(
-    readonly code: string,
+    readonly code: ErrorCode,
     message: string,
     options?: { cause?: unknown },
   ) {
@@ -13,19 +159,9 @@ export class SnapshiftError extends Error {
   }
 }
 
-/** Exit statuses a user can rely on (DESIGN.md § Conventions). */
-export const ExitStatus = {
-  success: 0,
-  warning: 1,
-  failed: 2,
-  usage: 64,
-} as const;
-
-/** Codes that mean the user asked for something malformed, not that the work failed. */
-const usageCodes = new Set(['USAGE', 'BAD_ARGUMENT']);
-
-export function exitStatusFor(error: unknown): number {
-  if (error instanceof SnapshiftError && usageCodes.has(error.code)) return ExitStatus.usage;
+/** The exit status for a thrown value: the code's from `errorCodes`, else failed. */
+export function exitStatusFor(error: unknown): ExitStatus {
+  if (error instanceof SnapshiftError) return (errorCodes as Record<string, ErrorCodeInfo>)[error.code]?.exitStatus ?? ExitStatus.failed;
   return ExitStatus.failed;
 }
 

@@ -1,5 +1,5 @@
 import { execFile, spawn, type SpawnOptions, type ChildProcess } from 'node:child_process';
-import { SnapshiftError } from './errors.ts';
+import { SnapshiftError, type ErrorCode } from './errors.ts';
 
 export interface ExecResult {
   stdout: string;
@@ -13,13 +13,13 @@ export interface ExecResult {
 export async function exec(
   program: string,
   args: readonly string[],
-  options: { timeoutMs?: number; input?: string | Buffer; code?: string; cwd?: string; /** Ends the program (SIGTERM) when aborted. */ signal?: AbortSignal } = {},
+  options: { timeoutMs?: number; input?: string | Buffer; code?: ErrorCode; cwd?: string; /** Ends the program (SIGTERM) when aborted. */ signal?: AbortSignal } = {},
 ): Promise<ExecResult> {
   return new Promise((resolve, reject) => {
     const child = execFile(
       program,
       args,
-      { timeout: options.timeoutMs ?? 120_000, maxBuffer: 64 * 1024 * 1024, encoding: 'utf8', cwd: options.cwd, signal: options.signal },
+      { timeout: options.timeoutMs ?? 120_000, maxBuffer: 64 * 1024 * 1024, encoding: 'utf8', cwd: options.cwd, signal: options.signal, env: childEnv() },
       (error, stdout, stderr) => {
         if (!error) return resolve({ stdout, stderr });
         if (options.signal?.aborted) return reject(options.signal.reason as Error);
@@ -52,7 +52,20 @@ export async function succeeds(program: string, args: readonly string[]): Promis
 
 /** Starts a long-running program; the caller owns the returned child and must end it by PID. */
 export function start(program: string, args: readonly string[], options: SpawnOptions = {}): ChildProcess {
-  return spawn(program, args, { stdio: ['ignore', 'pipe', 'pipe'], ...options });
+  return spawn(program, args, { stdio: ['ignore', 'pipe', 'pipe'], ...options, env: childEnv(options.env) });
+}
+
+/**
+ * Variables that carry our secrets (repository passwords, systemd's credential folder): a program we run
+ * needs none of them, and a child's environment is readable by anyone who may read its /proc entry.
+ */
+export const secretEnvNames: readonly string[] = ['SNAPSHIFT_PASSWORD', 'SNAPSHIFT_NEW_PASSWORD', 'CREDENTIALS_DIRECTORY'];
+
+/** The environment for a child process: `base` (default ours) without the secrets of `secretEnvNames`. */
+export function childEnv(base: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {
+  const env = { ...base };
+  for (const name of secretEnvNames) delete env[name];
+  return env;
 }
 
 function lastLine(text: string): string {

@@ -1,7 +1,7 @@
 import { abortable } from '../core/abortable.ts';
 import type { DiskWriter } from '../repository/index.ts';
 import { TokenBucket } from '../core/token-bucket.ts';
-import { BusyClock } from './busy-clock.ts';
+import { BusyClock } from '../core/busy-clock.ts';
 import type { DiskSource } from './disk-source.ts';
 import { alignRegions, type Region } from './extent-map.ts';
 

@@ -1,5 +1,6 @@
 import { Cron } from 'croner';
-import { SnapshiftError } from '../core/errors.ts';
+import { checkVmName } from '../catalog/vm-name.ts';
+import { SnapshiftError, messageOf } from '../core/errors.ts';
 import type { ProcessingMode } from '../processing/backup-run.ts';
 import type { RetentionPolicy } from '../repository/index.ts';
 
@@ -38,6 +39,13 @@ export function parseJobDefinition(input: unknown): JobDefinition {
   if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(name)) throw invalid(`job name "${name}" must be letters, digits, . _ - (at most 64)`);
   const vms = raw.vms;
   if (!Array.isArray(vms) || vms.length === 0 || !vms.every((vm) => typeof vm === 'string' && vm !== '')) throw invalid(`job ${name}: "vms" must be a non-empty list of VM names`);
+  for (const vm of vms as string[]) {
+    try {
+      checkVmName(vm);
+    } catch (error) {
+      throw invalid(`job ${name}: ${messageOf(error)}`);
+    }
+  }
   const mode = raw.mode ?? jobDefaults.mode;
   if (mode !== 'regular' && mode !== 'storage-snapshot') throw invalid(`job ${name}: mode must be storage-snapshot or regular, not "${String(mode)}"`);
   const schedule = raw.schedule === undefined || raw.schedule === null || raw.schedule === '' ? undefined : requireString(raw.schedule, 'schedule');

@@ -14,8 +14,11 @@ import { summarizeSession, type SessionSummary } from './session-summary.ts';
 export interface JobRunContext {
   catalog: Catalog;
   home: string;
-  /** The repository password (undefined for an unencrypted repository). */
-  password?: string;
+  /**
+   * The repository password (undefined for an unencrypted repository), or how to get it: a function that
+   * throws (no password anywhere) fails the session with that reason instead of leaving no trace.
+   */
+  password?: string | (() => Promise<string | undefined>);
   /** Aborting stops the run cleanly: snapshots undone, partial restore points dropped, session Stopped. */
   signal?: AbortSignal;
   onProgress?: (progress: TaskProgress) => void;
@@ -29,7 +32,8 @@ export interface JobRunResult {
   sessionId: string;
   state: SessionState;
   summary: SessionSummary;
-  tasks: Array<{ vmName: string; state: SessionState; reason?: string; restorePointId?: string; stats?: TaskStats }>;
+  /** `warnings`: non-fatal problems of the task (also in `reason`, and in the recorded stats as `warnings`). */
+  tasks: Array<{ vmName: string; state: SessionState; reason?: string; restorePointId?: string; stats?: TaskStats; warnings?: string[] }>;
 }
 
 /**
@@ -48,14 +52,16 @@ export async function runJob(job: JobDefinition, context: JobRunContext): Promis
   const tasks: JobRunResult['tasks'] = [];
   let storageSnapshots = 0;
   let repository: Repository | undefined;
+  let startError: string | undefined;
   try {
+    const password = typeof context.password === 'function' ? await context.password() : context.password;
+    repository = await openRepository(job.repository, { password, maxWriteBytesPerSecond: context.maxWriteBytesPerSecond });
     const hosts: HostRecord[] = [];
     for (const vmName of job.vms) {
       const host = catalog.getHost(vmName);
       if (host) hosts.push(host);
       else tasks.push({ vmName, state: SessionState.failed, reason: `no VM named "${vmName}" (add it with "snapshift host add")` });
     }
-    repository = await openRepository(job.repository, { password: context.password, maxWriteBytesPerSecond: context.maxWriteBytesPerSecond });
     if (hosts.length > 0) {
       const run = await runBackup({
         hosts,
@@ -76,27 +82,39 @@ export async function runJob(job: JobDefinition, context: JobRunContext): Promis
       for (const outcome of run.outcomes) {
         if (outcome.error) {
           const stopped = context.signal?.aborted === true;
-          tasks.push({ vmName: outcome.vmName, state: stopped ? SessionState.stopped : SessionState.failed, reason: stopped ? 'stopped by request' : messageOf(outcome.error) });
+          const warnings = outcome.warnings ?? [];
+          tasks.push({
+            vmName: outcome.vmName,
+            state: stopped ? SessionState.stopped : SessionState.failed,
+            reason: [stopped ? 'stopped by request' : messageOf(outcome.error), ...warnings].join('; '),
+            ...(warnings.length > 0 ? { warnings } : {}),
+          });
         } else {
           const result = outcome.result!;
-          const notes = [...(result.failoverReason ? [`failover to regular mode: ${result.failoverReason}`] : []), ...(result.warnings ?? [])];
+          const warnings = result.warnings ?? [];
+          const notes = [...(result.failoverReason ? [`failover to regular mode: ${result.failoverReason}`] : []), ...warnings];
           tasks.push({
             vmName: outcome.vmName,
             state: notes.length > 0 ? SessionState.warning : SessionState.success,
             reason: notes.length > 0 ? notes.join('; ') : undefined,
             restorePointId: result.restorePoint.id,
             stats: result.stats,
+            ...(warnings.length > 0 ? { warnings } : {}),
           });
         }
       }
     }
   } catch (error) {
-    // The run itself could not start (e.g. repository missing): every VM not yet reported fails with it.
-    for (const vmName of job.vms) if (!tasks.some((task) => task.vmName === vmName)) tasks.push({ vmName, state: SessionState.failed, reason: messageOf(error) });
+    // The run itself could not start (no password, repository missing): every VM not yet reported fails with
+    // it, and the session's record says why.
+    startError = messageOf(error);
+    for (const vmName of job.vms) if (!tasks.some((task) => task.vmName === vmName)) tasks.push({ vmName, state: SessionState.failed, reason: startError });
   }
 
   for (const task of tasks) {
-    catalog.jobs.recordTask({ sessionId, vmName: task.vmName, state: task.state, restorePointId: task.restorePointId ?? null, reason: task.reason ?? null, stats: task.stats ? { ...task.stats } : null });
+    // A failed task has no statistics: its warnings are in its reason alone.
+    const stats = task.stats ? { ...task.stats, ...(task.warnings ? { warnings: task.warnings } : {}) } : null;
+    catalog.jobs.recordTask({ sessionId, vmName: task.vmName, state: task.state, restorePointId: task.restorePointId ?? null, reason: task.reason ?? null, stats });
     context.onTaskEnd?.(task);
   }
   const state = sessionState(tasks, context.signal?.aborted === true);
@@ -113,6 +131,7 @@ export async function runJob(job: JobDefinition, context: JobRunContext): Promis
     performance.now() - started,
     storageSnapshots,
   );
+  if (startError !== undefined) summary.error = startError;
   try {
     if (repository && (state === SessionState.success || state === SessionState.warning) && Object.keys(job.retention).length > 0) {
       faultPoint('job.before-retention');

@@ -14,6 +14,8 @@ export interface SessionSummary {
   bottleneck: Stage | null;
   storageSnapshots: number;
   retention?: { forgotten: string[] };
+  /** Why the session could not start (no password, repository missing); its tasks failed with it. */
+  error?: string;
 }
 
 export function summarizeSession(stats: readonly TaskStats[], counts: SessionSummary['tasks'], durationMs: number, storageSnapshots: number): SessionSummary {

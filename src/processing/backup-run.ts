@@ -35,8 +35,10 @@ export interface BackupRunInput extends TaskTuning {
 export interface VmOutcome {
   vmName: string;
   /** `warnings`: the restore point is good, but something around it went wrong (e.g. removing a snapshot). */
-  result?: BackupTaskResult & { failoverReason?: string; storageKinds?: string[]; warnings?: string[] };
+  result?: BackupTaskResult & { failoverReason?: string; storageKinds?: string[] };
   error?: Error;
+  /** With `error`: non-fatal problems met while undoing the failed task (e.g. dirty bitmaps not cleaned up). */
+  warnings?: string[];
 }
 
 export interface BackupRunResult {
@@ -66,12 +68,13 @@ export async function runBackup(input: BackupRunInput): Promise<BackupRunResult>
   let storageSnapshotCount = 0;
 
   const runRegular = async (host: HostRecord, failoverReason?: string) => {
+    const undoWarnings: string[] = [];
     try {
       input.signal?.throwIfAborted();
-      const result = await backupVmRegular({ ...input, host, sessionId, failoverReason, skipHunt: true });
+      const result = await backupVmRegular({ ...input, host, sessionId, failoverReason, skipHunt: true, undoWarnings });
       outcomes.push({ vmName: host.name, result: { ...result, failoverReason } });
     } catch (error) {
-      outcomes.push({ vmName: host.name, error: error as Error });
+      outcomes.push({ vmName: host.name, error: error as Error, ...(undoWarnings.length > 0 ? { warnings: undoWarnings } : {}) });
     }
   };
 
@@ -110,7 +113,7 @@ export async function runBackup(input: BackupRunInput): Promise<BackupRunResult>
         for (const host of group) {
           const outcome = done.find((candidate) => candidate.vmName === host.name);
           if (outcome?.result) outcomes.push({ ...outcome, result: { ...outcome.result, warnings: [...(outcome.result.warnings ?? []), warning] } });
-          else outcomes.push({ vmName: host.name, error: outcome?.error ?? (error as Error) });
+          else outcomes.push({ vmName: host.name, error: outcome?.error ?? (error as Error), ...(outcome?.warnings ? { warnings: outcome.warnings } : {}) });
         }
       }
     }),

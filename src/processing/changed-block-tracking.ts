@@ -45,8 +45,11 @@ export interface VmCbtPlan {
   readonly readPlans: ReadonlyMap<string, DiskReadPlan>;
   /** What the restore point of this task records, for the next backup. */
   readonly record: CbtRecord;
-  /** After the restore point is written (true) or not (false): never loses a write between restore points. */
-  finish(succeeded: boolean): Promise<void>;
+  /**
+   * After the restore point is written (true) or not (false): never loses a write between restore points.
+   * Never throws: what it could not clean up comes back as warnings for the task's record.
+   */
+  finish(succeeded: boolean): Promise<string[]>;
 }
 
 export interface PlanCbtInput {
@@ -119,8 +122,8 @@ export async function planChangedBlocks(input: PlanCbtInput): Promise<VmCbtPlan>
     rotations,
     readPlans,
     record,
-    async finish(succeeded: boolean): Promise<void> {
-      if (finished) return;
+    async finish(succeeded: boolean): Promise<string[]> {
+      if (finished) return [];
       finished = true;
       const failures: unknown[] = [];
       for (const rotation of rotations) {
@@ -139,7 +142,7 @@ export async function planChangedBlocks(input: PlanCbtInput): Promise<VmCbtPlan>
       }
       // Not fatal to the restore point: a bitmap left behind is found and removed by the next backup, whose
       // checks then choose a full read for that disk.
-      if (failures.length > 0) process.emitWarning(`snapshift: dirty bitmaps of ${input.vmName} not cleaned up: ${messageOf(failures[0])}`);
+      return failures.length > 0 ? [`dirty bitmaps of ${input.vmName} not cleaned up: ${messageOf(failures[0])}`] : [];
     },
   };
 }

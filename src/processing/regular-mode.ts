@@ -35,6 +35,8 @@ export interface BackupTaskInput extends TaskTuning {
   skipHunt?: boolean;
   /** Called at the moments a crash matters most (tests use them to write, measure or kill). */
   hooks?: { afterVmSnapshots?: () => Promise<void> | void };
+  /** Non-fatal problems met while undoing a task that fails are appended here (one that succeeds returns its own). */
+  undoWarnings?: string[];
 }
 
 export interface BackupTaskResult {
@@ -42,6 +44,8 @@ export interface BackupTaskResult {
   stats: TaskStats;
   /** What the snapshot hunter cleaned up before this backup. */
   recovered: HuntAction[];
+  /** Non-fatal problems: the restore point is good, but something around it went wrong (e.g. a cleanup). */
+  warnings?: string[];
 }
 
 /**
@@ -139,15 +143,15 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
       cbt: cbt.record,
     });
     committed = true;
-    await cbt.finish(true);
+    const warnings = await cbt.finish(true);
     faultPoint('cbt.after-finish');
     catalog.addRestorePoint({ id: restorePoint.id, vmName: hostRecord.name, repositoryPath: repository.path, createdAt: restorePoint.createdAt, mode: 'regular', stats: { ...stats, failoverReason: input.failoverReason } });
     faultPoint('backup.after-catalog-record');
-    return { restorePoint, stats };
+    return { restorePoint, stats, ...(warnings.length > 0 ? { warnings } : {}) };
   } finally {
     if (!committed) {
       await writer.abort();
-      await cbt.finish(false);
+      input.undoWarnings?.push(...(await cbt.finish(false)));
     }
   }
 }

@@ -35,8 +35,10 @@ export interface StorageGroupInput extends TaskTuning {
 
 export interface GroupTaskOutcome {
   vmName: string;
-  result?: BackupTaskResult & { failoverReason?: string; storageKinds: string[]; warnings?: string[] };
+  result?: BackupTaskResult & { failoverReason?: string; storageKinds: string[] };
   error?: Error;
+  /** With `error`: non-fatal problems met while undoing the failed task (a succeeded one has result.warnings). */
+  warnings?: string[];
 }
 
 /** One VM of the group, as it moves through the steps. */
@@ -137,7 +139,9 @@ async function backupGroup(input: StorageGroupInput, cleanup: CleanupStack, outc
       cleanup.defer(`abort unfinished restore point of ${record.name}`, async () => {
         if (!outcomes.some((outcome) => outcome.vmName === record.name && outcome.result)) {
           await writer.abort();
-          await cbt.finish(false);
+          const warnings = await cbt.finish(false);
+          const failed = outcomes.find((outcome) => outcome.vmName === record.name);
+          if (failed && warnings.length > 0) failed.warnings = [...(failed.warnings ?? []), ...warnings];
         }
       });
       const quiescePlan = cleanup.use(`guest agent of ${record.name}`, await planQuiesce(record, input.quiesce ?? false));
@@ -304,11 +308,12 @@ async function backupGroup(input: StorageGroupInput, cleanup: CleanupStack, outc
         stats: { ...stats, failoverReason, storageKinds, ...(useStorage ? { retainedSnapshots: member.rbdCbt.retainedLocations } : {}) },
       });
       faultPoint('backup.after-catalog-record');
-      outcomes.push({ vmName: member.record.name, result: { restorePoint, stats, recovered: [], failoverReason, storageKinds } });
-      await member.cbt.finish(true);
+      const warnings: string[] = [];
+      outcomes.push({ vmName: member.record.name, result: { restorePoint, stats, recovered: [], failoverReason, storageKinds, warnings } });
+      warnings.push(...(await member.cbt.finish(true)));
       faultPoint('cbt.after-finish');
       // Before the storage snapshot is removed: this run's RBD snapshot becomes the base of the next diff.
-      if (useStorage) await member.rbdCbt.retain(storageSnapshots);
+      if (useStorage) warnings.push(...(await member.rbdCbt.retain(storageSnapshots)));
     } catch (error) {
       outcomes.push({ vmName: member.record.name, error: error as Error });
     }

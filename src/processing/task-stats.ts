@@ -20,6 +20,11 @@ export interface TaskStats {
   storageSnapshotLifetimeMs: number | null;
   /** Whether the guest was quiesced, and if not why (null: not asked for). */
   quiesce: string | null;
+  /**
+   * Share of the copy time each stage spent on this task's work alone (tasks of a job run side by side on one
+   * worker pool and repository): source = its NBD reads in flight, proxy = the workers' time on its chunks
+   * over the pool's capacity, target = its backend writes in flight (appends and seals overlap: their union).
+   */
   busyPercent: Record<Stage, number>;
   bottleneck: Stage;
   /** Per disk; `writerWaitMs` is the copy's time waiting for the repository to take chunks (its backpressure). */

@@ -43,7 +43,8 @@ export class BackupWriter {
   #waiters: Array<() => void> = [];
   #failure: unknown;
   #finished = false;
-  readonly #poolBusyAtStart: number;
+  /** The blob workers' time on this writer's chunks only: the pool is shared by tasks running side by side. */
+  #workerBusyMs = 0;
 
   constructor(
     readonly repository: Repository,
@@ -53,7 +54,6 @@ export class BackupWriter {
   ) {
     this.#packWriter = new PackWriter(repository.backend, repository.keys, repository.config.packTargetBytes, (packId, blobs) => this.#onSealed(packId, blobs));
     this.#maxInFlight = 4 * repository.workerCount;
-    this.#poolBusyAtStart = repository.pool().busyMs;
   }
 
   addDisk(name: string, sizeBytes: number): DiskWriter {
@@ -101,6 +101,7 @@ export class BackupWriter {
     try {
       const pool = this.repository.pool();
       const hashed = await pool.hash(data);
+      this.#workerBusyMs += hashed.busyMs;
       if (hashed.kind === 'zero') {
         map.fill(0, chunkIndex * 32, chunkIndex * 32 + 32);
         this.stats.zeroBytes += length;
@@ -115,6 +116,7 @@ export class BackupWriter {
       }
       this.#pendingIds.add(key);
       const sealed = await pool.seal(hashed.worker, hashed.task);
+      this.#workerBusyMs += sealed.busyMs;
       this.stats.compressedInBytes += length;
       this.stats.compressedOutBytes += sealed.storedLength;
       await this.#packWriter.add(hashed.id, sealed.pieces, sealed.storedLength, sealed.rawLength, sealed.compressed);
@@ -142,7 +144,7 @@ export class BackupWriter {
   #updateStats(): void {
     this.stats.storedBytes = this.#packWriter.storedBytes;
     this.stats.writeBusyMs = this.#packWriter.writeBusyMs;
-    this.stats.workerBusyMs = this.repository.pool().busyMs - this.#poolBusyAtStart;
+    this.stats.workerBusyMs = this.#workerBusyMs;
   }
 
   /**

@@ -4,12 +4,14 @@ import { SnapshiftError } from '../core/errors.ts';
 import type { BlobReply, BlobRequest, BlobWorkerData } from './blob-messages.ts';
 import type { RepositoryKeys } from './repository-keys.ts';
 
-export type HashResult = { kind: 'zero' } | { kind: 'hashed'; id: Buffer; worker: number; task: number };
+/** `busyMs`: the worker's time on this request, so a writer can count its own work in a shared pool. */
+export type HashResult = { kind: 'zero'; busyMs: number } | { kind: 'hashed'; id: Buffer; worker: number; task: number; busyMs: number };
 export interface SealedBlob {
   pieces: Buffer[];
   storedLength: number;
   rawLength: number;
   compressed: boolean;
+  busyMs: number;
 }
 
 interface Pending {
@@ -52,9 +54,9 @@ export class BlobWorkerPool {
     const worker = this.#leastBusy();
     const owned = ownedCopy(data);
     const { reply, task } = await this.#send(worker, (t) => ({ op: 'hash', task: t, data: owned }), [owned.buffer as ArrayBuffer]);
-    if (reply.kind === 'zero') return { kind: 'zero' };
+    if (reply.kind === 'zero') return { kind: 'zero', busyMs: reply.busyMs };
     if (reply.kind !== 'hashed') throw new SnapshiftError('REPO_WORKER_FAILED', `unexpected worker reply ${reply.kind}`);
-    return { kind: 'hashed', id: Buffer.from(reply.id), worker, task };
+    return { kind: 'hashed', id: Buffer.from(reply.id), worker, task, busyMs: reply.busyMs };
   }
 
   /** Compresses and encrypts a chunk the worker holds from `hash`. */
@@ -62,7 +64,7 @@ export class BlobWorkerPool {
     const { reply } = await this.#send(worker, () => ({ op: 'seal', task }), [], task);
     if (reply.kind !== 'sealed') throw new SnapshiftError('REPO_WORKER_FAILED', `sealing a chunk failed: ${reply.kind === 'failed' ? reply.reason : reply.kind}`);
     const pieces = reply.pieces.map((p) => Buffer.from(p.buffer, p.byteOffset, p.byteLength));
-    return { pieces, storedLength: reply.storedLength, rawLength: reply.rawLength, compressed: reply.compressed };
+    return { pieces, storedLength: reply.storedLength, rawLength: reply.rawLength, compressed: reply.compressed, busyMs: reply.busyMs };
   }
 
   /** Forgets a chunk the worker holds (a duplicate). */

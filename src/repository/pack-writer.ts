@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { performance } from 'node:perf_hooks';
+import { BusyClock } from '../core/busy-clock.ts';
 import type { BackendUpload, StorageBackend } from './backend/storage-backend.ts';
 import type { RepositoryKeys } from './repository-keys.ts';
 import { encodePackTrailer, packPath, type BlobEntry } from './pack-format.ts';
@@ -15,7 +15,8 @@ export class PackWriter {
   #sealing: Promise<void> = Promise.resolve();
   /** The first write failure: every later add and flush rethrows it (and no promise is left unhandled). */
   #failure: unknown;
-  writeBusyMs = 0;
+  /** Appends and seals overlap (one pack is fsync'd while the next fills): busy is their union, not their sum. */
+  readonly #writeClock = new BusyClock();
   storedBytes = 0;
 
   constructor(
@@ -26,21 +27,27 @@ export class PackWriter {
     readonly onSealed: (packId: string, blobs: BlobEntry[]) => Promise<void> | void,
   ) {}
 
+  /** Time with at least one backend write (append or seal) in flight. */
+  get writeBusyMs(): number {
+    return this.#writeClock.busyMs;
+  }
+
   /** Appends one blob; resolves with its place once written (not yet durable: that comes with the seal). */
   add(id: Buffer, pieces: readonly Buffer[], storedLength: number, rawLength: number, compressed: boolean): Promise<{ packId: string; offsetBytes: number }> {
     const step = this.#chain.then(async () => {
       if (this.#failure) throw this.#failure;
-      const started = performance.now();
-      if (!this.#upload) {
-        const packId = randomBytes(32).toString('hex');
-        this.#upload = { packId, upload: await this.backend.openUpload(packPath(packId)), blobs: [] };
-      }
-      const current = this.#upload;
-      const offsetBytes = current.upload.writtenBytes;
-      await current.upload.write(pieces);
-      current.blobs.push({ id, offsetBytes, storedLength, rawLength, compressed });
-      this.storedBytes += storedLength;
-      this.writeBusyMs += performance.now() - started;
+      const { current, offsetBytes } = await this.#writeClock.time(async () => {
+        if (!this.#upload) {
+          const packId = randomBytes(32).toString('hex');
+          this.#upload = { packId, upload: await this.backend.openUpload(packPath(packId)), blobs: [] };
+        }
+        const current = this.#upload;
+        const offsetBytes = current.upload.writtenBytes;
+        await current.upload.write(pieces);
+        current.blobs.push({ id, offsetBytes, storedLength, rawLength, compressed });
+        this.storedBytes += storedLength;
+        return { current, offsetBytes };
+      });
       if (current.upload.writtenBytes >= this.packTargetBytes) await this.#seal();
       return { packId: current.packId, offsetBytes };
     });
@@ -74,7 +81,7 @@ export class PackWriter {
     if (!current) return;
     await this.#sealing; // at most one pack in flight to disk; also surfaces its error
     this.#sealing = (async () => {
-      const started = performance.now();
+      this.#writeClock.begin();
       try {
         const trailer = encodePackTrailer(this.keys, current.blobs);
         await current.upload.write([trailer]);
@@ -83,8 +90,9 @@ export class PackWriter {
       } catch (error) {
         await current.upload.abort().catch(() => undefined);
         throw error;
+      } finally {
+        this.#writeClock.end();
       }
-      this.writeBusyMs += performance.now() - started;
       await this.onSealed(current.packId, current.blobs);
     })();
     // Surface a failure on the next add or flush, not as an unhandled rejection.

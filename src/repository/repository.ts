@@ -50,7 +50,8 @@ export async function initRepository(path: string, opts: InitOptions): Promise<v
   });
   if (existing.includes('config')) throw new SnapshiftError('REPO_EXISTS', `a repository already exists at ${location}`);
   if (existing.length > 0) throw new SnapshiftError('REPO_EXISTS', `${location} is not empty; a repository needs an empty or new folder`);
-  for (const folder of ['keys', 'data', 'index', 'manifests', 'locks', 'tmp']) await mkdir(join(location, folder), { recursive: true });
+  // 0700 folders, 0600 files (the backend's too): key slots and config are readable by the owner only.
+  for (const folder of ['keys', 'data', 'index', 'manifests', 'locks', 'tmp']) await mkdir(join(location, folder), { recursive: true, mode: 0o700 });
   const master = newMasterKey();
   const config: RepositoryConfig = {
     format: 'snapshift-repository',
@@ -70,7 +71,7 @@ export async function initRepository(path: string, opts: InitOptions): Promise<v
     config.idKey = master.subarray(32).toString('hex');
   }
   const temp = join(location, 'tmp', 'config.tmp');
-  await writeFile(temp, JSON.stringify(config, null, 2) + '\n');
+  await writeFile(temp, JSON.stringify(config, null, 2) + '\n', { mode: 0o600 });
   const handle = await open(temp, 'r+');
   await handle.sync();
   await handle.close();

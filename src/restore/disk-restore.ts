@@ -1,6 +1,7 @@
 import { execFile } from 'node:child_process';
 import { open, rm, rename } from 'node:fs/promises';
 import { SnapshiftError, messageOf } from '../core/errors.ts';
+import { childEnv } from '../core/exec.ts';
 import { faultPoint } from '../core/fault-points.ts';
 import type { RestorePointReader } from '../repository/index.ts';
 import { pathExists } from '../core/fs-probe.ts';
@@ -107,7 +108,7 @@ export async function restoreDisk(reader: RestorePointReader, diskName: string, 
 function convertToQcow2(rawPath: string, qcow2Path: string, signal: AbortSignal | undefined): Promise<void> {
   const args = ['convert', '-q', '-f', 'raw', '-O', 'qcow2', rawPath, qcow2Path];
   return new Promise((resolve, reject) => {
-    execFile('qemu-img', args, { timeout: 3_600_000, maxBuffer: 16 * 1024 * 1024, encoding: 'utf8', signal }, (error, _stdout, stderr) => {
+    execFile('qemu-img', args, { timeout: 3_600_000, maxBuffer: 16 * 1024 * 1024, encoding: 'utf8', signal, env: childEnv() }, (error, _stdout, stderr) => {
       if (!error) return resolve();
       if ((error as NodeJS.ErrnoException).code === 'ENOENT') return reject(new SnapshiftError('PROGRAM_MISSING', 'qemu-img is not installed (needed for --format qcow2; run "bash scripts/setup.sh")', { cause: error }));
       const detail = stderr.trim().split('\n').at(-1)?.trim() || error.message;

@@ -4,7 +4,10 @@ import { SnapshiftError } from '../../core/errors.ts';
 import type { BackendEntry, BackendUpload, StorageBackend } from './storage-backend.ts';
 import { ownTempFileName } from '../temp-files.ts';
 
-/** A repository in a local directory. Every put is temp file + fsync + rename + fsync of the folder. */
+/**
+ * A repository in a local directory. Every put is temp file + fsync + rename + fsync of the folder. Files
+ * are created 0600 and folders 0700: key slots, config and data are the owner's alone.
+ */
 export class LocalBackend implements StorageBackend {
   readonly #handles = new Map<string, Promise<FileHandle>>();
   constructor(readonly location: string) {}
@@ -23,7 +26,7 @@ export class LocalBackend implements StorageBackend {
   async openUpload(name: string): Promise<BackendUpload> {
     const tempPath = join(this.location, 'tmp', ownTempFileName());
     const finalPath = join(this.location, name);
-    const handle = await fsCall(this.location, () => open(tempPath, 'wx'));
+    const handle = await fsCall(this.location, () => open(tempPath, 'wx', 0o600));
     let writtenBytes = 0;
     let done = false;
     let synced = false;
@@ -56,7 +59,7 @@ export class LocalBackend implements StorageBackend {
         await fsCall(this.location, async () => {
           await handle.close();
           done = true;
-          await mkdir(dirname(finalPath), { recursive: true });
+          await mkdir(dirname(finalPath), { recursive: true, mode: 0o700 });
           await rename(tempPath, finalPath);
           await syncFolder(dirname(finalPath));
         });

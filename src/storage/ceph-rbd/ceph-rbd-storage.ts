@@ -1,4 +1,4 @@
-import { SnapshiftError } from '../../core/errors.ts';
+import { SnapshiftError, type ErrorCode } from '../../core/errors.ts';
 import { exec } from '../../core/exec.ts';
 import { OwnedStorageSnapshot } from '../owned-snapshot.ts';
 import { snapshotPrefix, type StorageSnapshotInfo, type StorageSystem, type Volume } from '../storage-system.ts';
@@ -108,7 +108,7 @@ export class CephRbdStorage implements StorageSystem {
     await this.#rbd(['snap', 'rm', '--no-progress', location], 'STORAGE_SNAPSHOT_REMOVE_FAILED');
   }
 
-  #rbd(args: readonly string[], code: string) {
+  #rbd(args: readonly string[], code: ErrorCode) {
     return exec('rbd', ['-c', this.confPath, ...args], { code, timeoutMs: 120_000 });
   }
 }

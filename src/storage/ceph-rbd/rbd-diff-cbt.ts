@@ -31,9 +31,10 @@ export interface VmRbdCbtPlan {
   /**
    * After the restore point is written: the storage snapshot of this run becomes the retained base (renamed,
    * so it is not removed with the storage snapshot) and the previous retained snapshot(s) on the image go.
-   * Never throws: a failure only costs the next backup a full read (its checks find the base missing).
+   * Never throws: a failure only costs the next backup a full read (its checks find the base missing); it
+   * comes back as a warning for the task's record.
    */
-  retain(snapshots: readonly StorageSnapshot[]): Promise<void>;
+  retain(snapshots: readonly StorageSnapshot[]): Promise<string[]>;
   /** Names this run's storage snapshots, once taken: the diff's other end. */
   useStorageSnapshots(snapshots: readonly StorageSnapshot[]): void;
 }
@@ -104,8 +105,9 @@ export async function planRbdChangedBlocks(input: PlanRbdCbtInput): Promise<VmRb
     useStorageSnapshots(snapshots: readonly StorageSnapshot[]): void {
       taken = snapshots;
     },
-    async retain(snapshots: readonly StorageSnapshot[]): Promise<void> {
+    async retain(snapshots: readonly StorageSnapshot[]): Promise<string[]> {
       taken = snapshots;
+      const warnings: string[] = [];
       for (const { disk, system, image } of rbdDisks) {
         try {
           const holder = holderOf(disk.imagePath);
@@ -116,9 +118,10 @@ export async function planRbdChangedBlocks(input: PlanRbdCbtInput): Promise<VmRb
             if (isRetainedSnapshotName(name) && name !== retainedName) await system.removeSnapshotNamed(image, name);
           }
         } catch (error) {
-          process.emitWarning(`snapshift: retained RBD snapshot of ${input.vmName} disk ${disk.name} not rotated: ${messageOf(error)}`);
+          warnings.push(`retained RBD snapshot of ${input.vmName} disk ${disk.name} not rotated: ${messageOf(error)}`);
         }
       }
+      return warnings;
     },
   };
 }

@@ -1,4 +1,4 @@
-import { SnapshiftError, messageOf } from '../../core/errors.ts';
+import { SnapshiftError, messageOf, type ErrorCode } from '../../core/errors.ts';
 import { exec, type ExecResult } from '../../core/exec.ts';
 
 /**
@@ -17,15 +17,15 @@ export interface ZfsDataset {
   mountpoint: string | undefined;
 }
 
-export async function zfs(args: readonly string[], options: { code?: string; timeoutMs?: number } = {}): Promise<ExecResult> {
+export async function zfs(args: readonly string[], options: { code?: ErrorCode; timeoutMs?: number } = {}): Promise<ExecResult> {
   return zfsTool('zfs', args, options);
 }
 
-export async function zpool(args: readonly string[], options: { code?: string; timeoutMs?: number } = {}): Promise<ExecResult> {
+export async function zpool(args: readonly string[], options: { code?: ErrorCode; timeoutMs?: number } = {}): Promise<ExecResult> {
   return zfsTool('zpool', args, options);
 }
 
-async function zfsTool(program: 'zfs' | 'zpool', args: readonly string[], options: { code?: string; timeoutMs?: number }): Promise<ExecResult> {
+async function zfsTool(program: 'zfs' | 'zpool', args: readonly string[], options: { code?: ErrorCode; timeoutMs?: number }): Promise<ExecResult> {
   const timeoutMs = options.timeoutMs ?? zfsCommandTimeoutMs;
   try {
     return await exec(program, args, { timeoutMs, code: options.code ?? 'ZFS_COMMAND_FAILED' });
