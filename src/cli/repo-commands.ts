@@ -131,7 +131,7 @@ export function registerRepoCommands(program: Command): void {
     });
 
   withExamples(withRepo(program.command('check').description('verify a repository (a read-only one too, without a lock); --read-data also decrypts and re-hashes chunks')
-    .option('--read-data [percent]', 'read and verify every chunk, or PERCENT of the packs')
+    .option('--read-data [percent]', 'read and verify every chunk, or PERCENT of the packs (--read-data=10; name the repository first or with --repo, as a bare --read-data takes what follows as PERCENT)')
     .option('--json', 'print JSON')), 'snapshift check /srv/backups', 'snapshift check --repo /srv/backups --read-data=10')
     .action(async (positional: string | undefined, opts: RepoOptions & { readData?: string | boolean }) => {
       let readDataPercent: number | undefined;
