@@ -7,42 +7,45 @@ import type { TaskStats } from '../processing/task-stats.ts';
 import { huntOverlaysOnHosts, huntVmSnapshots } from '../processing/snapshot-hunter.ts';
 import { huntStorageSnapshots } from '../processing/storage-hunter.ts';
 import { openCatalog, homeOf, printJson } from './context.ts';
-import { formatBytes, formatColumns, formatDuration, formatRatio, formatTable } from './format.ts';
+import { formatBytes, formatColumns, formatDuration, formatRatio, formatTable, oneLine } from './format.ts';
 import { ProgressBar } from './progress.ts';
 import { stoppedExitStatus, withStopSignals } from './stop-signals.ts';
+import { jobDefaults } from '../jobs/job-definition.ts';
+import { withExamples } from './help-examples.ts';
+import { numberOption } from './number-option.ts';
 import { openRepositoryForCli, repositoryOption, type RepositoryCliOptions } from './repository-access.ts';
 
 /** `snapshift backup`, `restore-points`, `hunt`: the daily verbs (`restore` is in restore-command.ts). */
 export function registerBackupCommands(program: Command): void {
-  repositoryOption(
-    program
-      .command('backup')
-      .description('back up VMs into a repository')
-      .argument('<vm...>', 'VM names (see "snapshift host list")')
-      .option('--mode <mode>', 'processing mode: storage-snapshot or regular', 'regular')
-      .option('--no-failover-to-regular', 'in storage-snapshot mode, fail instead of falling back to regular mode')
-      .option('--vms-per-storage-snapshot <n>', 'at most this many VMs share one storage snapshot', '10')
-      .option('--full', 'read every disk in full, even where changed-block tracking could limit the read')
-      .option('--max-read-rate <MBps>', 'cap the read rate (MB/s), e.g. to spare a busy production link')
-      .option('--quiesce', 'freeze guest file systems through the guest agent during the VM snapshot (host add --qga)')
-      .option('--overlay-folder <dir>', 'local folder for the VM snapshot overlays of disks that are not files (RBD); default <home>/overlays')
-      .option('--json', 'print the result as JSON')
-      .option('--quiet', 'no progress bar'),
+  withExamples(
+    repositoryOption(
+      program
+        .command('backup')
+        .description('back up VMs into a repository')
+        .argument('<vm...>', 'VM names (see "snapshift host list")')
+        .option('--mode <mode>', 'storage-snapshot (falls back to regular mode, saying why, where no storage snapshot can be taken) or regular; jobs default to the same', jobDefaults.mode)
+        .option('--no-failover-to-regular', 'in storage-snapshot mode, fail instead of falling back to regular mode')
+        .option('--vms-per-storage-snapshot <n>', 'at most this many VMs share one storage snapshot', numberOption('--vms-per-storage-snapshot'), jobDefaults.vmsPerStorageSnapshot)
+        .option('--full', 'read every disk in full, even where changed-block tracking could limit the read')
+        .option('--max-read-rate <MBps>', 'cap the read rate (whole MB/s), e.g. to spare a busy production link', numberOption('--max-read-rate', { unit: 'MB/s' }))
+        .option('--quiesce', 'freeze guest file systems through the guest agent during the VM snapshot (host add --qga)')
+        .option('--overlay-folder <dir>', 'local folder for the VM snapshot overlays of disks that are not files (RBD); default <home>/overlays')
+        .option('--json', 'print the result as JSON')
+        .option('--quiet', 'no progress bar'),
+    ),
+    'snapshift backup vm1 --repo /srv/backups --password-file /root/.repo-pass',
+    'snapshift backup vm1 vm2 vm3 --repo /srv/backups --max-read-rate 200',
+    'snapshift backup vm1 --mode regular --full --repo /srv/backups',
   )
-    .addHelpText(
-      'after',
-      '\nExamples:\n  snapshift backup vm1 --repo /srv/backups --password-file /root/.repo-pass\n  snapshift backup vm1 vm2 vm3 --mode storage-snapshot --repo /srv/backups',
-    )
     .action(
       async (
         vmNames: string[],
-        options: RepositoryCliOptions & { mode: string; full?: boolean; quiesce?: boolean; failoverToRegular: boolean; vmsPerStorageSnapshot: string; maxReadRate?: string; overlayFolder?: string; json?: boolean; quiet?: boolean },
+        options: RepositoryCliOptions & { mode: string; full?: boolean; quiesce?: boolean; failoverToRegular: boolean; vmsPerStorageSnapshot: number; maxReadRate?: number; overlayFolder?: string; json?: boolean; quiet?: boolean },
         command: Command,
       ) => {
         if (options.mode !== 'regular' && options.mode !== 'storage-snapshot') throw new SnapshiftError('USAGE', `unknown mode "${options.mode}": use storage-snapshot or regular`);
         const mode: ProcessingMode = options.mode;
-        const vmsPerStorageSnapshot = positiveInteger(options.vmsPerStorageSnapshot, '--vms-per-storage-snapshot');
-        const maxReadRate = options.maxReadRate === undefined ? undefined : positiveInteger(options.maxReadRate, '--max-read-rate');
+        const { vmsPerStorageSnapshot, maxReadRate } = options;
         for (const name of vmNames) checkVmName(name);
         using catalog = openCatalog(command);
         const hosts = vmNames.map((name) => {
@@ -107,14 +110,14 @@ export function registerBackupCommands(program: Command): void {
           for (const action of run.hunted.storageSnapshots) console.log(`hunter: ${action.action} ${action.kind} snapshot ${action.location} (${action.detail})`);
           for (const outcome of run.outcomes) {
             if (outcome.error) {
-              console.error(`${outcome.vmName}: failed: ${outcome.error.message}`);
-              for (const warning of outcome.warnings ?? []) console.error(`${outcome.vmName}: warning: ${warning}`);
+              console.error(`${outcome.vmName}: failed: ${oneLine(outcome.error.message)}`);
+              for (const warning of outcome.warnings ?? []) console.error(`${outcome.vmName}: warning: ${oneLine(warning)}`);
               continue;
             }
             const result = outcome.result!;
             console.log(`\n${outcome.vmName}: restore point ${result.restorePoint.id}`);
-            if (result.failoverReason) console.log(`  failover to regular mode: ${result.failoverReason}`);
-            for (const warning of result.warnings ?? []) console.error(`${outcome.vmName}: warning: ${warning}`);
+            if (result.failoverReason) console.log(`  failover to regular mode: ${oneLine(result.failoverReason)}`);
+            for (const warning of result.warnings ?? []) console.error(`${outcome.vmName}: warning: ${oneLine(warning)}`);
             if (result.storageKinds && result.stats.mode === 'storage-snapshot') console.log(`  storage snapshot by: ${result.storageKinds.join(', ')}`);
             console.log(formatSummary(result.stats));
           }
@@ -127,8 +130,7 @@ export function registerBackupCommands(program: Command): void {
       },
     );
 
-  program
-    .command('restore-points')
+  withExamples(program.command('restore-points'), 'snapshift restore-points vm1', 'snapshift restore-points --json')
     .description('list restore points (from the catalog)')
     .argument('[vm]', 'only this VM')
     .option('--json', 'print the result as JSON')
@@ -145,9 +147,8 @@ export function registerBackupCommands(program: Command): void {
       );
     });
 
-  program
-    .command('hunt')
-    .description('find and remove VM snapshots that crashed or killed backups left behind')
+  withExamples(program.command('hunt'), 'snapshift hunt --dry-run', 'snapshift hunt')
+    .description('find and remove VM snapshots and storage snapshots that crashed or killed backups left behind; exit 2 if any is left in place')
     .option('--dry-run', 'only report what would be done')
     .option('--json', 'print the result as JSON')
     .action(async (options: { dryRun?: boolean; json?: boolean }, command: Command) => {
@@ -196,10 +197,4 @@ export function formatSummary(stats: TaskStats): string {
 function formatDiskCbt(disk: TaskStats['disks'][number]): string {
   if (disk.cbtSource !== 'none') return `incremental (${disk.cbtSource}): ${formatBytes(disk.dirtyBytes ?? 0)} changed, ${formatBytes(disk.readBytes)} read`;
   return `full read, ${formatBytes(disk.readBytes)} read${disk.fallbackReason ? ` (${disk.fallbackReason})` : ''}`;
-}
-
-function positiveInteger(value: string, option: string): number {
-  const parsed = Number(value);
-  if (!Number.isInteger(parsed) || parsed <= 0) throw new SnapshiftError('USAGE', `${option} must be a positive whole number, not "${value}"`);
-  return parsed;
 }

@@ -9,12 +9,14 @@ import { initRepository, openRepository, type Repository } from '../repository/i
 import { formatSummary } from './backup-commands.ts';
 import { demoBackup, verifyRestore, type DemoBackup } from './demo-backup.ts';
 import { formatBytes, formatColumns, formatDuration } from './format.ts';
+import { withExamples } from './help-examples.ts';
+import { numberOption } from './number-option.ts';
 
 interface DemoOptions {
   dir: string;
   keep?: boolean;
-  seconds: string;
-  rate: string;
+  seconds: number;
+  rate: number;
 }
 
 /** What the demo's steps share; each step fills in what later ones need. */
@@ -219,18 +221,14 @@ function indent(text: string, prefix: string): string {
  * of it, both restores checked against the point in time, and the two modes side by side; torn down at the end.
  */
 export function registerDemoCommand(program: Command): void {
-  program
-    .command('demo')
+  withExamples(program.command('demo'), 'snapshift demo', 'snapshift demo --keep --rate 8')
     .description('back up a writing guest in both processing modes, verify the restores, compare, tear it all down (needs root)')
     .option('--dir <dir>', 'lab folder', defaultLabDir)
     .option('--keep', 'leave the lab and the running VM up at the end')
-    .option('--seconds <n>', 'how long to watch the guest before the backups', '3')
-    .option('--rate <MiBps>', 'guest write rate', '4')
+    .option('--seconds <n>', 'how long to watch the guest before the backups', numberOption('--seconds', { integer: false, min: 0, unit: 'seconds' }), 3)
+    .option('--rate <MiBps>', 'guest write rate', numberOption('--rate', { min: 0, unit: 'MiB/s' }), 4)
     .action(async (options: DemoOptions) => {
-      const watchSeconds = Number(options.seconds);
-      const rateMiBps = Number(options.rate);
-      if (!(watchSeconds >= 0) || !Number.isInteger(rateMiBps) || rateMiBps < 0) throw new SnapshiftError('BAD_ARGUMENT', '--seconds must be a number and --rate a whole number of MiB/s');
-      await runDemo({ options: { dir: options.dir, watchSeconds, rateMiBps }, backups: [] }, options.keep === true);
+      await runDemo({ options: { dir: options.dir, watchSeconds: options.seconds, rateMiBps: options.rate }, backups: [] }, options.keep === true);
     });
 }
 

@@ -33,3 +33,8 @@ export function formatColumns(header: string[], rows: string[][]): string {
   const line = (cells: string[]) => cells.map((cell, column) => cell.padEnd(widths[column]!)).join('  ').trimEnd();
   return [line(header), ...rows.map(line)].join('\n');
 }
+
+/** Text from elsewhere (a program's stderr, an error message) as one line: runs of whitespace, newlines too, become one space. */
+export function oneLine(text: string): string {
+  return text.replace(/\s+/g, ' ').trim();
+}

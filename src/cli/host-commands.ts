@@ -6,10 +6,15 @@ import { checkVmName } from '../catalog/index.ts';
 import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
 import { openCatalog, printJson } from './context.ts';
 import { formatBytes, formatColumns } from './format.ts';
+import { withExamples } from './help-examples.ts';
 
 /** `snapshift host add|list|remove|discover`: where the VMs are. */
 export function registerHostCommands(program: Command): void {
-  const host = program.command('host').description('hypervisor hosts: for QEMU, one QMP socket per VM');
+  const host = withExamples(
+    program.command('host').description('hypervisor hosts: for QEMU, one QMP socket per VM'),
+    'snapshift host add qemu --qmp /run/vm1/qmp.sock --name vm1',
+    'snapshift host discover /run/qemu',
+  );
 
   host
     .command('add')
@@ -20,7 +25,7 @@ export function registerHostCommands(program: Command): void {
     .option('--nbd-socket <path>', 'NBD server socket the process already runs (qemu-storage-daemon --nbd-server)')
     .option('--qga <path>', "host side of the VM's guest agent channel (for --quiesce)")
     .option('--json', 'print the result as JSON')
-    .addHelpText('after', '\nExample:\n  snapshift host add qemu --qmp /run/vm1/qmp.sock --name vm1')
+    .addHelpText('after', '\nExamples:\n  snapshift host add qemu --qmp /run/vm1/qmp.sock --name vm1\n  snapshift host add qemu --qmp /run/vm1/qmp.sock --name vm1 --qga /run/vm1/qga.sock')
     .action(async (kind: string, options: { qmp: string; name: string; nbdSocket?: string; qga?: string; json?: boolean }, command: Command) => {
       if (kind !== 'qemu') throw new SnapshiftError('USAGE', `unknown host kind "${kind}": only "qemu" is supported`);
       checkVmName(options.name);
@@ -39,8 +44,7 @@ export function registerHostCommands(program: Command): void {
       for (const disk of disks) console.log(`  ${disk.name}: ${disk.imagePath} (${disk.format}, ${formatBytes(disk.virtualSizeBytes)})`);
     });
 
-  host
-    .command('discover')
+  withExamples(host.command('discover'), 'snapshift host discover /run/qemu')
     .description('register every QEMU QMP socket found under a folder (VM name: the socket\'s folder name)')
     .argument('<folder>', 'folder to search, e.g. /run/qemu')
     .option('--json', 'print the result as JSON')
@@ -63,8 +67,7 @@ export function registerHostCommands(program: Command): void {
       for (const entry of found) console.log(entry.error ? `skipped ${entry.qmpSocketPath}: ${entry.error}` : `added ${entry.name} (${entry.qmpSocketPath})`);
     });
 
-  host
-    .command('list')
+  withExamples(host.command('list'), 'snapshift host list', 'snapshift host list --json')
     .description('list registered hosts')
     .option('--json', 'print the result as JSON')
     .action((options: { json?: boolean }, command: Command) => {
@@ -74,8 +77,7 @@ export function registerHostCommands(program: Command): void {
       console.log(formatColumns(['NAME', 'KIND', 'QMP SOCKET'], hosts.map((h) => [h.name, h.kind, h.qmpSocketPath])));
     });
 
-  host
-    .command('remove')
+  withExamples(host.command('remove'), 'snapshift host remove vm1')
     .description('forget a host (its restore points stay in the repository)')
     .argument('<name>')
     .action((name: string, _options: unknown, command: Command) => {

@@ -5,11 +5,13 @@ import { withStopSignals } from './stop-signals.ts';
 import { parse as parseYaml } from 'yaml';
 import { SessionState, type Catalog } from '../catalog/index.ts';
 import { SnapshiftError } from '../core/errors.ts';
-import { parseJobDefinition, type JobDefinition } from '../jobs/job-definition.ts';
+import { jobDefaults, parseJobDefinition, scheduleFormat, type JobDefinition } from '../jobs/job-definition.ts';
 import { jobPassword } from '../jobs/job-password.ts';
 import { runJob, type JobRunResult } from '../jobs/job-runner.ts';
 import { homeOf, openCatalog, printJson } from './context.ts';
-import { formatColumns, formatTable } from './format.ts';
+import { formatColumns, formatTable, oneLine } from './format.ts';
+import { withExamples } from './help-examples.ts';
+import { numberOption } from './number-option.ts';
 import { resolvePassword } from './password.ts';
 import { SessionProgress } from './progress.ts';
 import { formatSessionSummary } from './session-commands.ts';
@@ -23,15 +25,24 @@ interface JobFlags {
   mode?: string;
   failoverToRegular?: boolean;
   quiesce?: boolean;
-  vmsPerStorageSnapshot?: string;
-  parallel?: string;
-  keepLast?: string;
-  keepDaily?: string;
-  keepWeekly?: string;
-  keepMonthly?: string;
+  vmsPerStorageSnapshot?: number;
+  parallel?: number;
+  keepLast?: number;
+  keepDaily?: number;
+  keepWeekly?: number;
+  keepMonthly?: number;
   schedule?: string;
   passwordFile?: string;
-  maxReadRate?: string;
+  maxReadRate?: number;
+}
+
+/** What `job run` takes besides the job's own definition. */
+interface JobRunFlags {
+  json?: boolean;
+  quiet?: boolean;
+  full?: boolean;
+  maxReadRate?: number;
+  maxWriteRate?: number;
 }
 
 const collect = (value: string, previous: string[] = []) => [...previous, value];
@@ -40,19 +51,19 @@ function addJobFlags(command: Command): Command {
   return command
     .option('--vm <name>', 'a VM to protect (repeat for several)', collect)
     .option('--repo <path>', 'repository path')
-    .option('--mode <mode>', 'storage-snapshot or regular')
+    .option('--mode <mode>', `storage-snapshot or regular (default ${jobDefaults.mode}, as for "snapshift backup")`)
     .option('--failover-to-regular', 'fall back to regular mode when a storage snapshot fails (default on)')
     .option('--no-failover-to-regular', 'fail the VM instead of falling back')
     .option('--quiesce', 'freeze guest file systems through the QEMU guest agent during the VM snapshot')
-    .option('--vms-per-storage-snapshot <n>', 'at most this many VMs share one storage snapshot')
-    .option('--parallel <n>', 'tasks run at once')
-    .option('--keep-last <n>', 'retention: keep the last N restore points per VM')
-    .option('--keep-daily <n>', 'retention: keep one per day for N days')
-    .option('--keep-weekly <n>', 'retention: keep one per week for N weeks')
-    .option('--keep-monthly <n>', 'retention: keep one per month for N months')
-    .option('--schedule <cron>', 'cron expression, e.g. "0 22 * * *" (6 fields: seconds first)')
+    .option('--vms-per-storage-snapshot <n>', `at most this many VMs share one storage snapshot (default ${jobDefaults.vmsPerStorageSnapshot})`, numberOption('--vms-per-storage-snapshot'))
+    .option('--parallel <n>', `tasks run at once (default ${jobDefaults.parallel})`, numberOption('--parallel'))
+    .option('--keep-last <n>', 'retention: keep the last N restore points per VM', numberOption('--keep-last'))
+    .option('--keep-daily <n>', 'retention: keep one per day for N days', numberOption('--keep-daily'))
+    .option('--keep-weekly <n>', 'retention: keep one per week for N weeks', numberOption('--keep-weekly'))
+    .option('--keep-monthly <n>', 'retention: keep one per month for N months', numberOption('--keep-monthly'))
+    .option('--schedule <cron>', `cron schedule: ${scheduleFormat}; e.g. "0 22 * * *" is every day at 22:00`)
     .option('--password-file <path>', 'repository password file used when the job runs')
-    .option('--max-read-rate <MBps>', 'cap the read rate from production storage (MB/s)');
+    .option('--max-read-rate <MBps>', 'cap the read rate from production storage (whole MB/s)', numberOption('--max-read-rate', { unit: 'MB/s' }));
 }
 
 /** Flags given on the command line, as definition fields (undefined = not given). */
@@ -85,10 +96,17 @@ function loadJob(catalog: Catalog, name: string): JobDefinition {
 
 /** `snapshift job create|list|show|edit|delete|run|apply`. */
 export function registerJobCommands(program: Command): void {
-  const job = program.command('job').description('backup jobs: what to protect, how, and when');
+  const job = withExamples(
+    program.command('job').description('backup jobs: what to protect, how, and when'),
+    'snapshift job create nightly --vm vm1 --repo /srv/backups --keep-last 7 --schedule "0 22 * * *"',
+    'snapshift job run nightly',
+  );
 
-  addJobFlags(job.command('create').description('define a job').argument('<name>'))
-    .addHelpText('after', '\nExample:\n  snapshift job create nightly --vm vm1 --vm vm2 --repo /srv/backups --mode storage-snapshot --keep-last 7 --schedule "0 22 * * *"')
+  withExamples(
+    addJobFlags(job.command('create').description('define a job').argument('<name>')),
+    'snapshift job create nightly --vm vm1 --vm vm2 --repo /srv/backups --keep-last 7 --schedule "0 22 * * *"',
+    'snapshift job create hourly --vm db1 --repo /srv/backups --mode regular --schedule "0 15 * * * *" --max-read-rate 100',
+  )
     .action((name: string, flags: JobFlags, command: Command) => {
       using catalog = openCatalog(command);
       if (catalog.jobs.getJob(name)) throw new SnapshiftError('USAGE', `job "${name}" exists: change it with "snapshift job edit ${name}"`);
@@ -97,20 +115,21 @@ export function registerJobCommands(program: Command): void {
       console.log(`created job ${name}: ${definition.vms.join(', ')} → ${definition.repository} (${definition.mode}${definition.schedule ? `, ${definition.schedule}` : ''})`);
     });
 
-  addJobFlags(job.command('edit').description('change fields of a job (others stay)').argument('<name>')).action((name: string, flags: JobFlags, command: Command) => {
-    using catalog = openCatalog(command);
-    const current = loadJob(catalog, name);
-    const changes = definitionFromFlags(name, flags);
-    const definition = parseJobDefinition({ ...current, ...changes, retention: changes.retention ?? current.retention });
-    catalog.jobs.saveJob(name, { ...definition });
-    console.log(`updated job ${name}`);
-  });
+  withExamples(addJobFlags(job.command('edit').description('change fields of a job (others stay)').argument('<name>')), 'snapshift job edit nightly --keep-last 14 --schedule "30 23 * * *"')
+    .action((name: string, flags: JobFlags, command: Command) => {
+      using catalog = openCatalog(command);
+      const current = loadJob(catalog, name);
+      const changes = definitionFromFlags(name, flags);
+      const definition = parseJobDefinition({ ...current, ...changes, retention: changes.retention ?? current.retention });
+      catalog.jobs.saveJob(name, { ...definition });
+      console.log(`updated job ${name}`);
+    });
 
   job
     .command('apply')
     .description('create or update jobs from a YAML file (a list of jobs, or { jobs: [...] })')
     .requiredOption('-f, --file <path>', 'YAML file')
-    .addHelpText('after', '\nExample file:\n  jobs:\n    - name: nightly\n      vms: [vm1, vm2]\n      repository: /srv/backups\n      mode: storage-snapshot\n      retention: { keepLast: 7 }\n      schedule: "0 22 * * *"')
+    .addHelpText('after', '\nExample:\n  snapshift job apply -f /etc/snapshift/jobs.yaml\n\nExample file:\n  jobs:\n    - name: nightly\n      vms: [vm1, vm2]\n      repository: /srv/backups\n      mode: storage-snapshot\n      retention: { keepLast: 7 }\n      schedule: "0 22 * * *"')
     .action(async (options: { file: string }, command: Command) => {
       let parsed: unknown;
       try {
@@ -127,8 +146,7 @@ export function registerJobCommands(program: Command): void {
       console.log(`applied ${definitions.length} job(s): ${definitions.map((d) => d.name).join(', ')}`);
     });
 
-  job
-    .command('list')
+  withExamples(job.command('list'), 'snapshift job list', 'snapshift job list --json')
     .description('list jobs')
     .option('--json', 'print the result as JSON')
     .action((options: { json?: boolean }, command: Command) => {
@@ -147,8 +165,7 @@ export function registerJobCommands(program: Command): void {
       );
     });
 
-  job
-    .command('show')
+  withExamples(job.command('show'), 'snapshift job show nightly')
     .description('show a job')
     .argument('<name>')
     .option('--json', 'print the result as JSON')
@@ -172,8 +189,7 @@ export function registerJobCommands(program: Command): void {
       );
     });
 
-  job
-    .command('delete')
+  withExamples(job.command('delete'), 'snapshift job delete nightly')
     .description('delete a job (its restore points and sessions stay)')
     .argument('<name>')
     .action((name: string, _options: unknown, command: Command) => {
@@ -182,15 +198,15 @@ export function registerJobCommands(program: Command): void {
       console.log(`deleted job ${name}`);
     });
 
-  job
-    .command('run')
-    .description('run a job now, as one session; Ctrl-C or SIGTERM stops it cleanly')
+  withExamples(job.command('run'), 'snapshift job run nightly', 'snapshift job run nightly --full --max-read-rate 200 --max-write-rate 100')
+    .description('run a job now, as one session; Ctrl-C or SIGTERM stops it cleanly (exit 3)')
     .argument('<name>')
     .option('--json', 'print the session as JSON')
     .option('--quiet', 'no progress bars')
-    .option('--max-read-rate <MBps>', 'cap the read rate (MB/s)')
-    .option('--max-write-rate <MBps>', 'cap the repository write rate (MB/s)')
-    .action(async (name: string, options: { json?: boolean; quiet?: boolean; maxReadRate?: string; maxWriteRate?: string }, command: Command) => {
+    .option('--full', 'read every disk in full, even where changed-block tracking could limit the read (as backup --full)')
+    .option('--max-read-rate <MBps>', "cap the read rate (whole MB/s); overrides the job's", numberOption('--max-read-rate', { unit: 'MB/s' }))
+    .option('--max-write-rate <MBps>', 'cap the repository write rate (whole MB/s)', numberOption('--max-write-rate', { unit: 'MB/s' }))
+    .action(async (name: string, options: JobRunFlags, command: Command) => {
       using catalog = openCatalog(command);
       const definition = loadJob(catalog, name);
       const result = await runJobFromCli(definition, catalog, homeOf(command), { ...options, progress: !options.json && !options.quiet });
@@ -205,7 +221,7 @@ export async function runJobFromCli(
   job: JobDefinition,
   catalog: Catalog,
   home: string,
-  options: { progress: boolean; maxReadRate?: string; maxWriteRate?: string },
+  options: { progress: boolean; full?: boolean; maxReadRate?: number; maxWriteRate?: number },
 ): Promise<JobRunResult> {
   const password = await passwordFor(job);
   const progress = new SessionProgress(options.progress, job.name);
@@ -217,8 +233,9 @@ export async function runJobFromCli(
         password,
         signal,
         onProgress: (p) => progress.update(p.vmName, p.processedBytes, p.totalBytes, p.phase),
-        maxReadBytesPerSecond: options.maxReadRate ? Number(options.maxReadRate) * 1e6 : undefined,
-        maxWriteBytesPerSecond: options.maxWriteRate ? Number(options.maxWriteRate) * 1e6 : undefined,
+        full: options.full ?? false,
+        maxReadBytesPerSecond: options.maxReadRate === undefined ? undefined : options.maxReadRate * 1e6,
+        maxWriteBytesPerSecond: options.maxWriteRate === undefined ? undefined : options.maxWriteRate * 1e6,
       }),
     );
   } finally {
@@ -233,6 +250,6 @@ export async function passwordFor(job: JobDefinition): Promise<string | undefine
 
 function printJobResult(result: JobRunResult): void {
   console.log(`session ${result.sessionId}: ${result.state}`);
-  for (const task of result.tasks) console.log(`  ${task.vmName}: ${task.state}${task.reason ? ` (${task.reason})` : ''}${task.restorePointId ? ` → ${task.restorePointId.slice(0, 12)}` : ''}`);
+  for (const task of result.tasks) console.log(`  ${task.vmName}: ${task.state}${task.reason ? ` (${oneLine(task.reason)})` : ''}${task.restorePointId ? ` → ${task.restorePointId.slice(0, 12)}` : ''}`);
   console.log(formatSessionSummary(result.summary));
 }

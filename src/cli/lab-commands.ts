@@ -1,5 +1,8 @@
 import type { Command } from 'commander';
 import { SnapshiftError } from '../core/errors.ts';
+import { printJson } from './context.ts';
+import { withExamples } from './help-examples.ts';
+import { numberOption } from './number-option.ts';
 import { Lab, LabCeph, datastoreKinds, defaultLabDir, isDatastoreKind, formatByteSize, parseByteSize, zfsDaemonLabel, type LabStatus } from '../lab/index.ts';
 
 interface DirOptions {
@@ -8,9 +11,13 @@ interface DirOptions {
 
 /** `snapshift lab …`: the built-in lab of loop-mounted datastores and tiny real guests. */
 export function registerLabCommands(program: Command): void {
-  const lab = program.command('lab').description('the built-in lab: btrfs and XFS datastores on loop files, tiny real Linux guests that write steadily');
+  const lab = withExamples(
+    program.command('lab').description('the built-in lab: btrfs and XFS datastores on loop files, tiny real Linux guests that write steadily'),
+    'snapshift lab up && snapshift lab vm create vm1 --datastore btrfs && snapshift lab vm start vm1',
+    'snapshift lab down',
+  );
 
-  withDir(lab.command('up'))
+  withExamples(withDir(lab.command('up')), 'snapshift lab up', 'snapshift lab up --size 8G --with-zfs')
     .description('create the lab: btrfs and XFS (reflink) datastores on sparse loop files, mounted under the lab folder (needs root)')
     .option('--size <size>', 'size of each sparse datastore file', '4G')
     .option('--with-zfs', 'also a ZFS datastore (zfs-fuse, a pool on a sparse file); same as "lab zfs up" afterwards')
@@ -25,7 +32,7 @@ export function registerLabCommands(program: Command): void {
       console.log(`lab up in ${status.dir} (${Date.now() - started} ms)`);
     });
 
-  withDir(lab.command('down'))
+  withExamples(withDir(lab.command('down')), 'snapshift lab down', 'snapshift lab down --purge-cache')
     .description('remove everything the lab made (processes, mounts, loop devices, files), from its state file alone')
     .option('--purge-cache', 'also remove the cached guest kernel in <lab>/cache')
     .action(async (options: DirOptions & { purgeCache?: boolean }) => {
@@ -35,9 +42,9 @@ export function registerLabCommands(program: Command): void {
       else console.log(`lab down in ${report.dir}: ended ${report.endedPids.length} process(es), removed datastores ${[...report.removedDatastores, ...(report.removedZfsPool ? [`zfs (pool ${report.removedZfsPool})`] : [])].join(', ') || 'none'}${zfsDaemonNote(report.zfsDaemon)} (${Date.now() - started} ms)`);
     });
 
-  const zfs = lab.command('zfs').description('the lab\'s ZFS datastore: zfs-fuse and a pool on a sparse file under the lab folder');
+  const zfs = withExamples(lab.command('zfs').description('the lab\'s ZFS datastore: zfs-fuse and a pool on a sparse file under the lab folder'), 'snapshift lab zfs up', 'snapshift lab zfs down');
 
-  withDir(zfs.command('up'))
+  withExamples(withDir(zfs.command('up')), 'snapshift lab zfs up --size 2G')
     .description('add a ZFS datastore to the lab (starts zfs-fuse unless a ZFS daemon runs already; needs root)')
     .option('--size <size>', 'size of the pool\'s sparse file', '4G')
     .action(async (options: DirOptions & { size: string }) => {
@@ -50,7 +57,7 @@ export function registerLabCommands(program: Command): void {
       console.log(`ZFS up in ${status.dir}: ${daemon ? `zfs-fuse pid ${daemon.pid} started by the lab` : 'using the ZFS daemon already running (the lab will not end it)'} (${Date.now() - started} ms)`);
     });
 
-  withDir(zfs.command('down'))
+  withExamples(withDir(zfs.command('down')), 'snapshift lab zfs down')
     .description('destroy the lab\'s ZFS pool and end zfs-fuse if the lab started it and no other pool uses it')
     .action(async (options: DirOptions) => {
       const started = Date.now();
@@ -58,7 +65,7 @@ export function registerLabCommands(program: Command): void {
       console.log(`ZFS down: ${report.removedZfsPool ? `destroyed pool ${report.removedZfsPool}` : 'no ZFS pool in the lab'}${zfsDaemonNote(report.zfsDaemon)} (${Date.now() - started} ms)`);
     });
 
-  withDir(lab.command('status'))
+  withExamples(withDir(lab.command('status')), 'snapshift lab status', 'snapshift lab status --json')
     .description('show the lab: datastores, VMs, processes')
     .option('--json', 'print one JSON document')
     .action(async (options: DirOptions & { json?: boolean }) => {
@@ -67,9 +74,13 @@ export function registerLabCommands(program: Command): void {
       printStatus(status);
     });
 
-  const vm = lab.command('vm').description('lab VMs: a qcow2 disk on a datastore and a tiny guest writing to it');
+  const vm = withExamples(
+    lab.command('vm').description('lab VMs: a qcow2 disk on a datastore and a tiny guest writing to it'),
+    'snapshift lab vm create vm1 --datastore btrfs',
+    'snapshift lab vm start vm1 --rate 8',
+  );
 
-  withDir(vm.command('create <name>'))
+  withExamples(withDir(vm.command('create <name>')), 'snapshift lab vm create vm1 --datastore btrfs', 'snapshift lab vm create big --datastore xfs --size 10G --fill 4G')
     .description('create a VM disk (qcow2) on a datastore: FILL of random data at the start, the rest sparse')
     .requiredOption('--datastore <kind>', 'btrfs or xfs')
     .option('--size <size>', 'virtual disk size', '2G')
@@ -86,18 +97,17 @@ export function registerLabCommands(program: Command): void {
       console.log(`VM ${record.name}: ${record.diskPath} (${formatByteSize(record.sizeBytes)}, ${formatByteSize(record.fillBytes)} random data) (${Date.now() - started} ms)`);
     });
 
-  withDir(vm.command('start <name>'))
+  withExamples(withDir(vm.command('start <name>')), 'snapshift lab vm start vm1', 'snapshift lab vm start vm1 --rate 0')
     .description('boot the VM\'s guest; returns once it writes (QEMU keeps running until stop, kill or lab down)')
-    .option('--rate <MiBps>', 'steady write rate of the guest, MiB/s', '4')
-    .action(async (name: string, options: DirOptions & { rate: string }) => {
-      const rateMiBps = Number(options.rate);
-      if (!Number.isInteger(rateMiBps) || rateMiBps < 0) throw new SnapshiftError('BAD_ARGUMENT', `--rate ${options.rate} must be a whole number of MiB/s`);
+    .option('--rate <MiBps>', 'steady write rate of the guest, MiB/s', numberOption('--rate', { min: 0, unit: 'MiB/s' }), 4)
+    .action(async (name: string, options: DirOptions & { rate: number }) => {
+      const rateMiBps = options.rate;
       const handle = await (await Lab.open(options.dir)).startVm(name, { rateMiBps });
       console.log(`VM ${name} running: pid ${handle.pid}, writing ${rateMiBps} MiB/s; reached its workload in ${handle.bootMs} ms`);
       console.log(`QMP ${handle.qmpSocketPath}; console ${handle.consoleLogPath}; block nodes ${handle.blockNames.fileNode} / ${handle.blockNames.formatNode}, qdev ${handle.blockNames.qdevId}`);
     });
 
-  withDir(vm.command('stop <name>'))
+  withExamples(withDir(vm.command('stop <name>')), 'snapshift lab vm stop vm1', 'snapshift lab vm stop vm1 --json')
     .description('stop the guest\'s workload; it prints the md5 of its whole disk and powers off')
     .option('--json', 'print one JSON document')
     .action(async (name: string, options: DirOptions & { json?: boolean }) => {
@@ -106,7 +116,7 @@ export function registerLabCommands(program: Command): void {
       console.log(`VM ${name} stopped after ${result.writes} writes (${result.writtenMiB} MiB); disk md5 ${result.md5}`);
     });
 
-  withDir(vm.command('kill <name>'))
+  withExamples(withDir(vm.command('kill <name>')), 'snapshift lab vm kill vm1')
     .description('kill the VM\'s QEMU at once (like pulling the plug)')
     .action(async (name: string, options: DirOptions) => {
       const handle = await runningVm(options.dir, name);
@@ -114,7 +124,7 @@ export function registerLabCommands(program: Command): void {
       console.log(`VM ${name} killed (pid ${handle.pid})`);
     });
 
-  withDir(vm.command('list'))
+  withExamples(withDir(vm.command('list')), 'snapshift lab vm list', 'snapshift lab vm list --json')
     .description('list the lab\'s VMs')
     .option('--json', 'print one JSON document')
     .action(async (options: DirOptions & { json?: boolean }) => {
@@ -129,29 +139,32 @@ export function registerLabCommands(program: Command): void {
 
 /** `snapshift lab ceph up|down|status`: single-node Ceph (RBD) in <lab>/ceph. */
 function registerLabCephCommands(lab: Command): void {
-  const ceph = lab.command('ceph').description('single-node Ceph for RBD disks: 1 monitor, 1 manager, 1 OSD on a sparse file, loopback, no auth');
+  const ceph = withExamples(
+    lab.command('ceph').description('single-node Ceph for RBD disks: 1 monitor, 1 manager, 1 OSD on a sparse file, loopback, no auth'),
+    'snapshift lab ceph up',
+    'snapshift lab ceph down',
+  );
 
-  withDir(ceph.command('up'))
+  withExamples(withDir(ceph.command('up')), 'snapshift lab ceph up', 'snapshift lab ceph up --port 6790 --osd-size 8G')
     .description('start Ceph in <lab>/ceph with an "rbd" pool (~7 s); clients use its ceph.conf (rbd -c, CEPH_CONF, SNAPSHIFT_CEPH_CONF)')
-    .option('--port <port>', "the monitor's port on 127.0.0.1 (default: a free one)")
+    .option('--port <port>', "the monitor's port on 127.0.0.1 (default: a free one)", numberOption('--port', { max: 65535, unit: 'a TCP port' }))
     .option('--osd-size <size>', "sparse size of the OSD's file", '4G')
-    .action(async (options: DirOptions & { port?: string; osdSize: string }) => {
-      const port = options.port === undefined ? undefined : Number(options.port);
-      if (port !== undefined && !(Number.isInteger(port) && port > 0 && port < 65536)) throw new SnapshiftError('BAD_ARGUMENT', `--port ${options.port} is not a TCP port`);
+    .action(async (options: DirOptions & { port?: number; osdSize: string }) => {
+      const port = options.port;
       const started = Date.now();
       const up = await LabCeph.up({ dir: options.dir, osdSizeBytes: parseByteSize(options.osdSize, '--osd-size'), ...(port === undefined ? {} : { port }) });
       console.log(`Ceph up in ${up.dir}, pool "${up.pool}" (${Date.now() - started} ms)`);
       console.log(`export SNAPSHIFT_CEPH_CONF=${up.confPath} CEPH_CONF=${up.confPath}`);
     });
 
-  withDir(ceph.command('down'))
+  withExamples(withDir(ceph.command('down')), 'snapshift lab ceph down')
     .description('end the Ceph daemons the lab started (by PID) and remove <lab>/ceph')
     .action(async (options: DirOptions) => {
       const report = await LabCeph.down(options.dir);
       console.log(report.wasUp ? `Ceph down in ${report.labDir}: ended ${report.endedPids.length} process(es)` : `no Ceph in ${report.labDir}; nothing to do`);
     });
 
-  withDir(ceph.command('status'))
+  withExamples(withDir(ceph.command('status')), 'snapshift lab ceph status', 'snapshift lab ceph status --json')
     .description("show the lab's Ceph: its config and daemons")
     .option('--json', 'print one JSON document')
     .action(async (options: DirOptions & { json?: boolean }) => {
@@ -200,8 +213,4 @@ function zfsDaemonNote(daemon: 'ended' | 'kept' | 'gone' | undefined): string {
   if (daemon === 'kept') return '; left zfs-fuse running (other pools still use it)';
   if (daemon === 'gone') return '; zfs-fuse had already exited';
   return '';
-}
-
-function printJson(value: unknown): void {
-  process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
 }

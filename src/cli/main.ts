@@ -1,15 +1,18 @@
-import { Command, CommanderError } from 'commander';
+import { CommanderError } from 'commander';
 import { SnapshiftError, exitStatusFor, messageOf, ExitStatus } from '../core/errors.ts';
-import { registerCommands } from './commands.ts';
+import { createProgram } from './program.ts';
 
-const program = new Command('snapshift')
-  .description('VM backup & replication for QEMU/KVM: regular processing and backup from storage snapshots')
-  .option('--home <dir>', 'state folder (catalog, config, logs); default $SNAPSHIFT_HOME or /var/lib/snapshift')
-  .option('--debug', 'print stack traces on errors')
-  .showHelpAfterError()
-  .exitOverride();
+// `snapshift … | head`: once the reader has closed the pipe, further output is dropped without a stack trace.
+// The command is not cut short: a backup or restore piped into head still undoes its snapshots and removes
+// its partial files, and the exit status is the command's own (0 when it succeeded). git and restic die of
+// SIGPIPE instead (status 141), which is fine for a listing but not for a command that must clean up.
+for (const stream of [process.stdout, process.stderr]) {
+  stream.on('error', (error: NodeJS.ErrnoException) => {
+    if (error.code !== 'EPIPE') throw error;
+  });
+}
 
-registerCommands(program);
+const program = createProgram();
 
 try {
   await program.parseAsync(process.argv);

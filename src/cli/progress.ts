@@ -2,6 +2,27 @@ import cliProgress from 'cli-progress';
 import { formatBytes } from './format.ts';
 
 /**
+ * The figures of a bar line: done and size both in byte units ("1.0 GiB of 2.0 GiB"). Not `{total}`:
+ * cli-progress fills that itself with the raw byte count, whatever the payload says.
+ */
+const figures = '{percentage}% | {done} of {size} | {rate} | ETA {remaining} | {phase}';
+
+/**
+ * Time left at the average rate so far, or "-" while there is no rate. Not cli-progress's {eta_formatted}: it
+ * shows "NULL" and "INF" cut to two letters ("LLs", "NFs") when updates come faster than its clock or stall.
+ */
+function remainingTime(doneBytes: number, totalBytes: number, elapsedS: number): string {
+  if (doneBytes <= 0 || totalBytes <= doneBytes) return doneBytes >= totalBytes && totalBytes > 0 ? '0s' : '-';
+  const seconds = Math.ceil(((totalBytes - doneBytes) * elapsedS) / doneBytes);
+  if (seconds >= 3600) return `${Math.floor(seconds / 3600)}h${String(Math.floor((seconds % 3600) / 60)).padStart(2, '0')}m`;
+  if (seconds >= 60) return `${Math.floor(seconds / 60)}m${String(seconds % 60).padStart(2, '0')}s`;
+  return `${seconds}s`;
+}
+
+/** Where bars are drawn: stderr, or a stand-in terminal in tests. */
+export type ProgressStream = NodeJS.WritableStream & { isTTY?: boolean };
+
+/**
  * A progress bar on stderr (bytes, rate, ETA) that stays silent when stderr is not a terminal or the
  * output is JSON, so scripts get clean streams.
  */
@@ -10,14 +31,13 @@ export class ProgressBar {
   #started = false;
   readonly #startedAt = performance.now();
 
-  constructor(enabled: boolean, label: string) {
-    if (!enabled || !process.stderr.isTTY) return;
+  constructor(enabled: boolean, label: string, stream: ProgressStream = process.stderr) {
+    if (!enabled || !stream.isTTY) return;
     this.#bar = new cliProgress.SingleBar(
       {
-        stream: process.stderr,
-        format: `${label} [{bar}] {percentage}% | {done} of {size} | {rate} | ETA {eta_formatted} | {phase}`,
+        stream,
+        format: `${label} [{bar}] ${figures}`,
         hideCursor: true,
-        etaBuffer: 50,
       },
       cliProgress.Presets.shades_classic,
     );
@@ -26,8 +46,7 @@ export class ProgressBar {
   update(doneBytes: number, totalBytes: number, phase: string): void {
     if (!this.#bar) return;
     const elapsedS = Math.max(0.001, (performance.now() - this.#startedAt) / 1000);
-    // Not `total`: cli-progress fills {total} itself, with the raw byte count.
-    const payload = { done: formatBytes(doneBytes), size: formatBytes(totalBytes), rate: `${(doneBytes / 1e6 / elapsedS).toFixed(1)} MB/s`, phase };
+    const payload = { done: formatBytes(doneBytes), size: formatBytes(totalBytes), rate: `${(doneBytes / 1e6 / elapsedS).toFixed(1)} MB/s`, remaining: remainingTime(doneBytes, totalBytes, elapsedS), phase };
     if (!this.#started) {
       this.#bar.start(totalBytes, doneBytes, payload);
       this.#started = true;
@@ -50,13 +69,10 @@ export class SessionProgress {
   readonly #startedAt = performance.now();
   readonly #done = new Map<string, { done: number; total: number }>();
 
-  constructor(enabled: boolean, private readonly jobName: string) {
-    if (!enabled || !process.stderr.isTTY) return;
-    this.#multi = new cliProgress.MultiBar(
-      { stream: process.stderr, hideCursor: true, format: '{label} [{bar}] {percentage}% | {done} of {total} | {rate} | ETA {eta_formatted} | {phase}', etaBuffer: 50 },
-      cliProgress.Presets.shades_classic,
-    );
-    this.#session = this.#multi.create(1, 0, { label: `session ${jobName}`.padEnd(16), done: '', total: '', rate: '', phase: 'starting' });
+  constructor(enabled: boolean, private readonly jobName: string, stream: ProgressStream = process.stderr) {
+    if (!enabled || !stream.isTTY) return;
+    this.#multi = new cliProgress.MultiBar({ stream, hideCursor: true, format: `{label} [{bar}] ${figures}` }, cliProgress.Presets.shades_classic);
+    this.#session = this.#multi.create(1, 0, { label: `session ${jobName}`.padEnd(16), done: '', size: '', rate: '', remaining: '-', phase: 'starting' });
   }
 
   update(vmName: string, doneBytes: number, totalBytes: number, phase: string): void {
@@ -64,7 +80,7 @@ export class SessionProgress {
     const elapsedS = Math.max(0.001, (performance.now() - this.#startedAt) / 1000);
     this.#done.set(vmName, { done: doneBytes, total: totalBytes });
     let bar = this.#bars.get(vmName);
-    const payload = { label: vmName.padEnd(16).slice(0, 16), done: formatBytes(doneBytes), total: formatBytes(totalBytes), rate: `${(doneBytes / 1e6 / elapsedS).toFixed(1)} MB/s`, phase };
+    const payload = { label: vmName.padEnd(16).slice(0, 16), done: formatBytes(doneBytes), size: formatBytes(totalBytes), rate: `${(doneBytes / 1e6 / elapsedS).toFixed(1)} MB/s`, remaining: remainingTime(doneBytes, totalBytes, elapsedS), phase };
     if (!bar) {
       bar = this.#multi.create(totalBytes, doneBytes, payload);
       this.#bars.set(vmName, bar);
@@ -78,7 +94,7 @@ export class SessionProgress {
       total += entry.total;
     }
     this.#session!.setTotal(Math.max(1, total));
-    this.#session!.update(done, { label: `session ${this.jobName}`.padEnd(16).slice(0, 16), done: formatBytes(done), total: formatBytes(total), rate: `${(done / 1e6 / elapsedS).toFixed(1)} MB/s`, phase: `${this.#bars.size} VM(s)` });
+    this.#session!.update(done, { label: `session ${this.jobName}`.padEnd(16).slice(0, 16), done: formatBytes(done), size: formatBytes(total), rate: `${(done / 1e6 / elapsedS).toFixed(1)} MB/s`, remaining: remainingTime(done, total, elapsedS), phase: `${this.#bars.size} VM(s)` });
   }
 
   stop(): void {

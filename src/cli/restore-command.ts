@@ -1,37 +1,53 @@
-import { join, resolve } from 'node:path';
+import { mkdir, stat } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import type { Catalog } from '../catalog/index.ts';
 import { SnapshiftError } from '../core/errors.ts';
 import { restoreDisk, type RestoreFormat } from '../restore/disk-restore.ts';
 import { openCatalog, printJson } from './context.ts';
 import { formatBytes } from './format.ts';
+import { withExamples } from './help-examples.ts';
 import { ProgressBar } from './progress.ts';
 import { stoppedExitStatus, withStopSignals } from './stop-signals.ts';
 import { openRepositoryForCli, repositoryOption, type RepositoryCliOptions } from './repository-access.ts';
 
 /** `snapshift restore`: the disks of a restore point to files, under a shared repository lock. */
 export function registerRestoreCommand(program: Command): void {
-  repositoryOption(
-    program
-      .command('restore')
-      .description('restore the disks of a VM from a restore point to files; Ctrl-C or SIGTERM stops it and removes the partial file')
-      .argument('<vm>', 'VM name')
-      .requiredOption('--to <path>', 'target file (one disk) or folder (several disks)')
-      .option('--point <id>', 'restore point id or unique prefix, or "latest"', 'latest')
-      .option('--disk <name>', 'restore only this disk')
-      .option('--format <format>', 'qcow2 or raw', 'raw')
-      .option('--force', 'overwrite existing files')
-      .option('--json', 'print the result as JSON')
-      .option('--quiet', 'no progress bar'),
+  withExamples(
+    repositoryOption(
+      program
+        .command('restore')
+        .description('restore the disks of a VM from a restore point to files; Ctrl-C or SIGTERM stops it and removes the partial file')
+        .argument('<vm>', 'VM name')
+        .requiredOption(
+          '--to <path>',
+          'target file for one disk; a folder (created if missing, in a folder that exists) when the restore point has several disks or with --all-disks, ' +
+            'each disk written there as <disk>.<format>; an existing folder also takes a single disk',
+        )
+        .option('--point <id>', 'restore point id or unique prefix, or "latest"', 'latest')
+        .option('--disk <name>', 'restore only this disk')
+        .option('--all-disks', 'restore every disk into the folder --to, even when there is only one')
+        .option('--format <format>', 'qcow2 or raw', 'raw')
+        .option('--force', 'overwrite existing files')
+        .option('--json', 'print the result as JSON')
+        .option('--quiet', 'no progress bar'),
+    ),
+    'snapshift restore vm1 --point latest --to /var/tmp/vm1.qcow2 --format qcow2',
+    'snapshift restore vm1 --all-disks --to /var/tmp/vm1-disks',
+    'snapshift restore vm1 --disk vdb --to /var/tmp/vm1-vdb.raw',
   )
-    .addHelpText('after', '\nExample:\n  snapshift restore vm1 --point latest --to /var/tmp/vm1.qcow2 --format qcow2')
     .action(
       async (
         vmName: string,
-        options: RepositoryCliOptions & { to: string; point: string; disk?: string; format: string; force?: boolean; json?: boolean; quiet?: boolean },
+        options: RepositoryCliOptions & { to: string; point: string; disk?: string; allDisks?: boolean; format: string; force?: boolean; json?: boolean; quiet?: boolean },
         command: Command,
       ) => {
         if (options.format !== 'raw' && options.format !== 'qcow2') throw new SnapshiftError('USAGE', `unknown format "${options.format}": use raw or qcow2`);
+        if (options.disk !== undefined && options.allDisks) throw new SnapshiftError('USAGE', '--disk and --all-disks exclude each other: restore one disk, or all of them');
+        const to = resolve(options.to);
+        const toIsFolder = (await stat(to).catch(() => undefined))?.isDirectory() ?? false;
+        // Checked before the repository is opened (and a password asked for): a typo in --to fails at once.
+        await requireFolder(dirname(to), to);
         try {
           await withStopSignals('the partial file is removed', async (signal) => {
             using catalog = openCatalog(command);
@@ -42,10 +58,11 @@ export function registerRestoreCommand(program: Command): void {
             const reader = await repository.openRestorePoint(pointId);
             if (reader.summary.vmName !== vmName) throw new SnapshiftError('USAGE', `restore point ${pointId} belongs to ${reader.summary.vmName}, not ${vmName}`);
             const disks = options.disk ? [options.disk] : reader.summary.disks.map((disk) => disk.name);
-            const toFolder = disks.length > 1;
+            const toFolder = toIsFolder || options.allDisks === true || disks.length > 1;
+            if (toFolder && !toIsFolder) await mkdir(to);
             const restored: Array<{ disk: string; path: string; sizeBytes: number }> = [];
             for (const disk of disks) {
-              const path = toFolder ? join(resolve(options.to), `${disk}.${options.format}`) : resolve(options.to);
+              const path = toFolder ? join(to, `${disk}.${options.format}`) : to;
               const bar = new ProgressBar(!options.json && !options.quiet, `restore ${disk}`);
               try {
                 const result = await restoreDisk(reader, disk, path, {
@@ -70,6 +87,16 @@ export function registerRestoreCommand(program: Command): void {
         }
       },
     );
+}
+
+/** `folder` (the one holding `target`) must exist: say so, rather than ENOENT on a temp file's name. */
+async function requireFolder(folder: string, target: string): Promise<void> {
+  const info = await stat(folder).catch(() => undefined);
+  if (info?.isDirectory()) return;
+  throw new SnapshiftError(
+    'RESTORE_TARGET_FOLDER_MISSING',
+    info ? `cannot restore to ${target}: ${folder} is not a folder` : `cannot restore to ${target}: the folder ${folder} does not exist; create it first (mkdir -p ${folder}) or choose another --to`,
+  );
 }
 
 function resolvePoint(catalog: Catalog, vmName: string, point: string): string {

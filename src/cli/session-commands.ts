@@ -3,22 +3,23 @@ import { SnapshiftError } from '../core/errors.ts';
 import { markCrashedSessions } from '../jobs/job-runner.ts';
 import type { SessionSummary } from '../jobs/session-summary.ts';
 import { openCatalog, printJson } from './context.ts';
-import { formatBytes, formatColumns, formatDuration, formatRatio, formatTable } from './format.ts';
+import { formatBytes, formatColumns, formatDuration, formatRatio, formatTable, oneLine } from './format.ts';
+import { withExamples } from './help-examples.ts';
+import { numberOption } from './number-option.ts';
 
 /** `snapshift session list|show`: what happened, and where the time went. */
 export function registerSessionCommands(program: Command): void {
-  const session = program.command('session').description('sessions: one run of a job each');
+  const session = withExamples(program.command('session').description('sessions: one run of a job each'), 'snapshift session list --job nightly', 'snapshift session show 1f3c9a2b');
 
-  session
-    .command('list')
+  withExamples(session.command('list'), 'snapshift session list', 'snapshift session list --job nightly --limit 5 --json')
     .description('list recent sessions, newest first')
     .option('--job <name>', 'only this job')
-    .option('--limit <n>', 'at most this many', '20')
+    .option('--limit <n>', 'at most this many', numberOption('--limit'), 20)
     .option('--json', 'print the result as JSON')
-    .action((options: { job?: string; limit: string; json?: boolean }, command: Command) => {
+    .action((options: { job?: string; limit: number; json?: boolean }, command: Command) => {
       using catalog = openCatalog(command);
       markCrashedSessions(catalog);
-      const sessions = catalog.jobs.listSessions(options.job, Number(options.limit) || 20);
+      const sessions = catalog.jobs.listSessions(options.job, options.limit);
       if (options.json) return printJson(sessions);
       if (sessions.length === 0) return console.log('no sessions');
       console.log(
@@ -32,8 +33,7 @@ export function registerSessionCommands(program: Command): void {
       );
     });
 
-  session
-    .command('show')
+  withExamples(session.command('show'), 'snapshift session show 1f3c9a2b', 'snapshift session show 1f3c9a2b --json')
     .description('show a session: per-VM results and statistics')
     .argument('<id>', 'session id or its first characters')
     .option('--json', 'print the result as JSON')
@@ -47,7 +47,7 @@ export function registerSessionCommands(program: Command): void {
       console.log(formatSessionSummary(record.summary as unknown as SessionSummary));
       for (const task of tasks) {
         const stats = task.stats as { processedBytes?: number; readBytes?: number; transferredBytes?: number; vmSnapshotLifetimeMs?: number; bottleneck?: string; mode?: string } | null;
-        console.log(`  ${task.vmName}: ${task.state}${task.reason ? ` — ${task.reason}` : ''}`);
+        console.log(`  ${task.vmName}: ${task.state}${task.reason ? ` — ${oneLine(task.reason)}` : ''}`);
         if (stats) {
           console.log(
             `    ${stats.mode}: processed ${formatBytes(stats.processedBytes ?? 0)}, read ${formatBytes(stats.readBytes ?? 0)}, transferred ${formatBytes(stats.transferredBytes ?? 0)}, VM snapshot ${formatDuration(stats.vmSnapshotLifetimeMs ?? 0)}, bottleneck ${stats.bottleneck}`,

@@ -3,12 +3,12 @@ import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
 import { locateImage } from '../storage/registry.ts';
 import { openCatalog, printJson } from './context.ts';
 import { formatColumns } from './format.ts';
+import { withExamples } from './help-examples.ts';
 
 /** `snapshift storage list`: which storage system and volume hold each VM disk. */
 export function registerStorageCommands(program: Command): void {
-  const storage = program.command('storage').description('storage systems that hold VM disks');
-  storage
-    .command('list')
+  const storage = withExamples(program.command('storage').description('storage systems that hold VM disks'), 'snapshift storage list');
+  withExamples(storage.command('list'), 'snapshift storage list', 'snapshift storage list vm1 vm2 --json')
     .description('show, for each disk of each registered VM, the storage system and volume that hold it')
     .argument('[vm...]', 'only these VMs')
     .option('--json', 'print the result as JSON')

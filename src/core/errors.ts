@@ -115,6 +115,7 @@ export const errorCodes = {
   RESTORE_POINT_UNKNOWN: { exitStatus: failed, meaning: 'the catalog knows no restore point for that VM (snapshift catalog sync, or --point ID)' },
   RESTORE_NO_SUCH_DISK: { exitStatus: failed, meaning: 'the restore point has no disk of that name' },
   RESTORE_TARGET_EXISTS: { exitStatus: failed, meaning: 'the restore target exists (--force overwrites it)' },
+  RESTORE_TARGET_FOLDER_MISSING: { exitStatus: failed, meaning: 'the folder the restore target would go into does not exist' },
   RESTORE_STOPPED: { exitStatus: ExitStatus.stopped, meaning: 'a restore was stopped by Ctrl-C or SIGTERM; the partial file was removed' },
 
   // Demo and lab (test machinery)

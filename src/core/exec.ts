@@ -23,14 +23,16 @@ export async function exec(
       (error, stdout, stderr) => {
         if (!error) return resolve({ stdout, stderr });
         if (options.signal?.aborted) return reject(options.signal.reason as Error);
-        const detail = lastLine(stderr) || lastLine(stdout) || error.message;
+        // A program that printed nothing: say how it ended. Node's own message ("Command failed: … \n") ends in
+        // a newline that would break the one-line errors and failover reasons built from this one.
+        const detail = lastLine(stderr) || lastLine(stdout) || howItEnded(error, options.timeoutMs ?? 120_000);
         const missing = (error as NodeJS.ErrnoException).code === 'ENOENT';
         reject(
           new SnapshiftError(
             missing ? 'PROGRAM_MISSING' : (options.code ?? 'COMMAND_FAILED'),
             missing
               ? `${program} is not installed (run "npm run demo" or "bash scripts/setup.sh" to install what is missing)`
-              : `${program} ${args.join(' ')} failed: ${detail}`,
+              : `${[program, ...args].join(' ')} failed: ${detail}`,
             { cause: error },
           ),
         );
@@ -66,6 +68,14 @@ export function childEnv(base: NodeJS.ProcessEnv = process.env): NodeJS.ProcessE
   const env = { ...base };
   for (const name of secretEnvNames) delete env[name];
   return env;
+}
+
+function howItEnded(error: Error & { code?: unknown; signal?: unknown; killed?: boolean }, timeoutMs: number): string {
+  if (typeof error.code === 'string') return lastLine(error.message); // ours, not the program's: e.g. output over maxBuffer
+  if (error.killed && error.signal) return `no output; ended by ${String(error.signal)} after the ${timeoutMs} ms timeout`;
+  if (typeof error.code === 'number') return `exit status ${error.code}, no output`;
+  if (error.signal) return `killed by ${String(error.signal)}, no output`;
+  return lastLine(error.message);
 }
 
 function lastLine(text: string): string {

@@ -16,7 +16,7 @@ export interface JobDefinition {
   vmsPerStorageSnapshot: number;
   parallel: number;
   retention: RetentionPolicy;
-  /** Cron expression (5 fields, or 6 with seconds first); absent = run by hand only. */
+  /** Cron expression (`scheduleFormat`); absent = run by hand only. */
   schedule?: string;
   /** File holding the repository password; else SNAPSHIFT_PASSWORD when the job runs. */
   passwordFile?: string;
@@ -24,7 +24,11 @@ export interface JobDefinition {
   maxReadRateMBps?: number;
 }
 
+/** Also `snapshift backup`'s defaults: a backup by hand is processed like a job's. */
 export const jobDefaults = { mode: 'storage-snapshot', failoverToRegular: true, quiesce: false, vmsPerStorageSnapshot: 10, parallel: 2 } as const;
+
+/** What a schedule may be, in the words the CLI help and README use. croner would take a 7th (year) field too; we keep to these. */
+export const scheduleFormat = '5 fields (minute hour day-of-month month day-of-week), or 6 with seconds first';
 
 /**
  * Checks a job from an untrusted source (CLI, YAML, the catalog) and fills defaults. Every problem is
@@ -79,10 +83,13 @@ function parseRetention(value: unknown, jobName: string): RetentionPolicy {
 }
 
 function validateCron(expression: string, jobName: string): void {
+  const fields = expression.trim().split(/\s+/).length;
+  const nickname = expression.trim().startsWith('@'); // @daily, @weekly, …
+  if (!nickname && fields !== 5 && fields !== 6) throw invalid(`job ${jobName}: schedule "${expression}" has ${fields} field(s); a schedule has ${scheduleFormat}`);
   try {
-    new Cron(expression, { paused: true });
+    new Cron(expression, { paused: true, mode: '5-or-6-parts' });
   } catch (error) {
-    throw invalid(`job ${jobName}: schedule "${expression}" is not a cron expression (${(error as Error).message})`);
+    throw invalid(`job ${jobName}: schedule "${expression}" is not a cron expression of ${scheduleFormat} (${(error as Error).message})`);
   }
 }
 

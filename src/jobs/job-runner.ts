@@ -26,6 +26,8 @@ export interface JobRunContext {
   onTaskEnd?: (task: { vmName: string; state: SessionState; reason?: string }) => void;
   maxReadBytesPerSecond?: number;
   maxWriteBytesPerSecond?: number;
+  /** Read every disk in full, even where changed-block tracking could limit the read (`job run --full`). */
+  full?: boolean;
 }
 
 export interface JobRunResult {
@@ -73,6 +75,7 @@ export async function runJob(job: JobDefinition, context: JobRunContext): Promis
         vmsPerStorageSnapshot: job.vmsPerStorageSnapshot,
         parallel: job.parallel,
         quiesce: job.quiesce,
+        full: context.full ?? false,
         sessionId,
         signal: context.signal,
         onProgress: context.onProgress,

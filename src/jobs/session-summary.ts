@@ -1,4 +1,4 @@
-import type { Stage, TaskStats } from '../processing/task-stats.ts';
+import { pickBottleneck, type Bottleneck, type Stage, type TaskStats } from '../processing/task-stats.ts';
 
 /** A session's figures: the sums of its tasks, ratios of the sums, and the stage that held it back most. */
 export interface SessionSummary {
@@ -11,7 +11,7 @@ export interface SessionSummary {
   durationMs: number;
   rateMBps: number;
   busyPercent: Record<Stage, number> | null;
-  bottleneck: Stage | null;
+  bottleneck: Bottleneck | null;
   storageSnapshots: number;
   retention?: { forgotten: string[] };
   /** Why the session could not start (no password, repository missing); its tasks failed with it. */
@@ -29,7 +29,7 @@ export function summarizeSession(stats: readonly TaskStats[], counts: SessionSum
       : (Object.fromEntries(
           (['source', 'proxy', 'target'] as const).map((stage) => [stage, Math.round((sum((task) => task.busyPercent[stage] * task.durationMs) / taskMs) * 10) / 10]),
         ) as Record<Stage, number>);
-  const bottleneck = busyPercent ? (Object.entries(busyPercent) as Array<[Stage, number]>).sort((a, b) => b[1] - a[1])[0]![0] : null;
+  const bottleneck = busyPercent ? pickBottleneck(busyPercent) : null;
   const weightedRatio = (pick: (task: TaskStats) => number) => {
     const finite = stats.filter((task) => Number.isFinite(pick(task)) && task.readBytes > 0);
     const weight = finite.reduce((total, task) => total + task.readBytes, 0);

@@ -3,6 +3,8 @@ import type { DiskCbtStats } from '../datamover/changed-blocks.ts';
 import type { DiskCopyStats } from '../datamover/disk-copier.ts';
 
 export type Stage = 'source' | 'proxy' | 'target';
+/** The stage that held the copy back most, or 'none' when every stage was idle (e.g. an unchanged incremental). */
+export type Bottleneck = Stage | 'none';
 
 /** What one VM task reports (DESIGN.md: "Each task records …"). */
 export interface TaskStats {
@@ -26,7 +28,7 @@ export interface TaskStats {
    * over the pool's capacity, target = its backend writes in flight (appends and seals overlap: their union).
    */
   busyPercent: Record<Stage, number>;
-  bottleneck: Stage;
+  bottleneck: Bottleneck;
   /** Per disk; `writerWaitMs` is the copy's time waiting for the repository to take chunks (its backpressure). */
   disks: Array<{ name: string; sizeBytes: number; readBytes: number; zeroBytes: number; durationMs: number; writerWaitMs: number } & DiskCbtStats>;
 }
@@ -53,7 +55,7 @@ export function summarizeTask(input: {
     proxy: percent(input.writer.workerBusyMs / Math.max(1, input.workerCount ?? 1), copyMs),
     target: percent(input.writer.writeBusyMs, copyMs),
   };
-  const bottleneck = (Object.entries(busyPercent) as Array<[Stage, number]>).sort((a, b) => b[1] - a[1])[0]![0];
+  const bottleneck = pickBottleneck(busyPercent);
   return {
     mode: input.mode,
     durationMs: input.durationMs,
@@ -82,6 +84,15 @@ export function summarizeTask(input: {
       writerWaitMs: copy.stats.writerWaitMs,
     })),
   };
+}
+
+/** A stage busy less than this share of the copy held nothing back. */
+const idleBelowPercent = 1;
+
+/** The busiest stage, or 'none' when all were idle: naming "source" for a copy that read nothing would mislead. */
+export function pickBottleneck(busyPercent: Record<Stage, number>): Bottleneck {
+  const [stage, percentBusy] = (Object.entries(busyPercent) as Array<[Stage, number]>).sort((a, b) => b[1] - a[1])[0]!;
+  return percentBusy < idleBelowPercent ? 'none' : stage;
 }
 
 function sum(values: number[]): number {

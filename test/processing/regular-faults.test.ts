@@ -109,7 +109,7 @@ describe('regular processing: faults and bad input', () => {
     assert.ok(daemon.running, 'the VM is still running');
     assert.ok(!existsSync(join(workspace.dir, 'vms', 'qmp-gone', 'qmp-gone-00001.qcow2')), 'the overlay was committed and removed');
     // Without its socket the VM cannot be reached again: the next backup says so in one line.
-    const next = await runCli(['backup', 'qmp-gone', '--repo', repoPath()], env());
+    const next = await runCli(['backup', 'qmp-gone', '--repo', repoPath(), '--mode', 'regular'], env());
     assert.equal(next.status, 2);
     assert.match(next.stderr, /^snapshift: VM qmp-gone: .*qmp\.sock/);
     assert.equal(next.stderr.trim().split('\n').length, 1);
@@ -143,7 +143,7 @@ describe('regular processing: faults and bad input', () => {
   });
 
   test('bad input: an unknown VM, a socket that is not QEMU, a disk format we cannot snapshot: one clear line, the VM untouched', async () => {
-    const unknown = await runCli(['backup', 'no-such-vm', '--repo', repoPath()], env());
+    const unknown = await runCli(['backup', 'no-such-vm', '--repo', repoPath(), '--mode', 'regular'], env());
     assert.equal(unknown.status, 2);
     assert.equal(unknown.stderr, 'snapshift: no VM named "no-such-vm": add it with "snapshift host add qemu --qmp PATH --name no-such-vm"\n');
 
@@ -158,7 +158,7 @@ describe('regular processing: faults and bad input', () => {
 
     const { daemon, dir } = await makeVm('vmdk-vm', 16 * MiB, 0, 'vmdk');
     const before = readdirSync(dir).sort();
-    const unsupported = await runCli(['backup', 'vmdk-vm', '--repo', repoPath()], env());
+    const unsupported = await runCli(['backup', 'vmdk-vm', '--repo', repoPath(), '--mode', 'regular'], env());
     assert.equal(unsupported.status, 2);
     assert.match(unsupported.stderr, /^snapshift: disk disk0 .* is vmdk: only qcow2 and raw disks can be snapshotted; the VM was not touched\n$/);
     assert.deepEqual(readdirSync(dir).sort(), before);
