@@ -1,5 +1,7 @@
+import { ExitStatus } from '../core/errors.ts';
+
 /** Exit status of a command stopped by Ctrl-C or SIGTERM after undoing its work (README § Exit statuses). */
-export const stoppedExitStatus = 3;
+export const stoppedExitStatus = ExitStatus.stopped;
 
 /**
  * Runs `work` with an AbortSignal that the first Ctrl-C or SIGTERM aborts, so the command stops cleanly
