@@ -1,22 +1,26 @@
 import type { Command } from 'commander';
 import { syncCatalogWithRepository } from '../catalog/index.ts';
 import { openCatalog, printJson } from './context.ts';
+import { withExamples } from './help-examples.ts';
 import { openRepositoryForCli, repositoryOption, type RepositoryCliOptions } from './repository-access.ts';
 
 /** `snapshift catalog sync`: the catalog's view of a repository, rebuilt from the repository itself. */
 export function registerCatalogCommands(program: Command): void {
-  const catalogCommand = program.command('catalog').description('the catalog (restore points, jobs, sessions) in the home folder');
+  const catalogCommand = withExamples(
+    program.command('catalog').description('the catalog (restore points, jobs, sessions) in the home folder'),
+    'snapshift catalog sync --repo /srv/backups',
+  );
 
-  repositoryOption(
-    catalogCommand
-      .command('sync')
-      .description('record the restore points of a repository the catalog lacks, and drop those whose manifest is gone')
-      .option('--json', 'print the result as JSON'),
+  withExamples(
+    repositoryOption(
+      catalogCommand
+        .command('sync')
+        .description('record the restore points of a repository the catalog lacks, and drop those whose manifest is gone')
+        .option('--json', 'print the result as JSON'),
+    ),
+    'snapshift catalog sync --repo /srv/backups',
+    'SNAPSHIFT_HOME=/var/lib/snapshift-new snapshift catalog sync --repo /srv/backups --password-file /root/.repo-pass   # a catalog lost with its host',
   )
-    .addHelpText(
-      'after',
-      '\nExamples:\n  snapshift catalog sync --repo /srv/backups\n  SNAPSHIFT_HOME=/var/lib/snapshift-new snapshift catalog sync --repo /srv/backups --password-file /root/.repo-pass   # a catalog lost with its host',
-    )
     .action(async (options: RepositoryCliOptions & { json?: boolean }, command: Command) => {
       using catalog = openCatalog(command);
       await using repository = await openRepositoryForCli(options, catalog);
