@@ -1,3 +1,4 @@
+import type { RepairIndexReport } from '../../src/repository/repair-index.ts';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readdir, readFile, rm, writeFile, stat } from 'node:fs/promises';
@@ -21,14 +22,8 @@ async function flipByte(path: string, offsetFromEnd: number): Promise<void> {
   await writeFile(path, bytes);
 }
 
-interface RepairReport {
-  packsRead: number;
-  packsIndexed: number;
-  chunksIndexed: number;
-  indexFilesWritten: number;
-  indexFilesRemoved: number;
-  damagedPacks: Array<{ pack: string; reason: string; keptFromOldIndex: boolean }>;
-}
+/** What `repo repair-index --json` prints. */
+type RepairReport = RepairIndexReport;
 
 /** Three restore points over several packs and index files. */
 async function filledRepository(path: string): Promise<Map<string, Buffer>> {
