@@ -1,9 +1,8 @@
-import { readFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { resolve } from 'node:path';
 import type { Command } from 'commander';
 import type { Catalog } from '../catalog/index.ts';
 import { SnapshiftError } from '../core/errors.ts';
-import { openRepository, type Repository } from '../repository/index.ts';
+import { openRepository, repositoryEncryption, type Repository } from '../repository/index.ts';
 import { resolvePassword } from './password.ts';
 
 export interface RepositoryCliOptions {
@@ -31,8 +30,6 @@ export async function openRepositoryForCli(options: RepositoryCliOptions, catalo
 /** Opens the repository at `path`, asking for a password only if it is encrypted. */
 export async function openRepositoryAt(path: string, passwordFile?: string): Promise<Repository> {
   const absolute = resolve(path);
-  const config = await readFile(join(absolute, 'config'), 'utf8').catch(() => undefined);
-  const unencrypted = config !== undefined && /"encryption":\s*"none"/.test(config);
-  const password = unencrypted || config === undefined ? undefined : await resolvePassword({ passwordFile });
+  const password = (await repositoryEncryption(absolute)) === 'encrypted' ? await resolvePassword({ passwordFile }) : undefined;
   return openRepository(absolute, { password });
 }

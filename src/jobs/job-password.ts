@@ -1,6 +1,7 @@
 import { readFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { join } from 'node:path';
 import { SnapshiftError } from '../core/errors.ts';
+import { repositoryEncryption } from '../repository/index.ts';
 import type { JobDefinition } from './job-definition.ts';
 
 /** The systemd credential (LoadCredential=) holding a job's own password: `snapshift-job-<job name>`. */
@@ -39,17 +40,6 @@ export async function jobPassword(job: JobDefinition, options: { env?: NodeJS.Pr
       `(no credential ${jobCredentialName(job.name)} or ${defaultCredentialName}${credentials ? ` in ${credentials}` : ': CREDENTIALS_DIRECTORY is not set'}, ` +
       'no password file in the job, no SNAPSHIFT_PASSWORD): give the job --password-file, then run "snapshift daemon --install-unit" again',
   );
-}
-
-/** 'none', 'encrypted', or 'missing' when there is no readable config (the run then says what is wrong). */
-export async function repositoryEncryption(repositoryPath: string): Promise<'none' | 'encrypted' | 'missing'> {
-  const text = await readFile(resolve(repositoryPath, 'config'), 'utf8').catch(() => undefined);
-  if (text === undefined) return 'missing';
-  try {
-    return (JSON.parse(text) as { encryption?: unknown }).encryption === 'none' ? 'none' : 'encrypted';
-  } catch {
-    return 'encrypted'; // a damaged config: opening the repository reports it
-  }
 }
 
 /** A password file's content without its final newline; undefined if `optional` and the file does not exist. */

@@ -1,3 +1,4 @@
+import { processIsAlive } from '../core/process-alive.ts';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { SnapshiftError } from '../core/errors.ts';
@@ -172,7 +173,7 @@ export async function withStateLock<T>(stateFile: string, fn: () => Promise<T>, 
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
       const holder = Number(await fs.readFile(lockFile, 'utf8').catch(() => ''));
-      if (holder > 0 && !isAlive(holder)) {
+      if (holder > 0 && !processIsAlive(holder)) {
         await fs.rm(lockFile, { force: true });
         continue;
       }
@@ -184,14 +185,5 @@ export async function withStateLock<T>(stateFile: string, fn: () => Promise<T>, 
     return await fn();
   } finally {
     await fs.rm(lockFile, { force: true });
-  }
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

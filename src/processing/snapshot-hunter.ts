@@ -18,17 +18,15 @@ export interface HuntAction {
   detail: string;
 }
 
-/** True while the process that wrote a ledger row still runs: its snapshot belongs to a running task. */
-export const ownerIsRunning = snapshiftProcessIsAlive;
 
 /**
  * Tags of sessions whose owner still runs: what carries them (overlays, exports, bitmaps) is not ours to
  * touch. A job's VM-snapshot ledger rows and storage-snapshot ledger rows both count.
  */
-function liveSessionTags(catalog: Catalog): Set<string> {
+export function liveSessionTags(catalog: Catalog): Set<string> {
   const tags = new Set<string>();
-  for (const entry of catalog.listVmSnapshotLedger()) if (ownerIsRunning(entry.ownerPid)) tags.add(entry.sessionId.slice(0, 8));
-  for (const entry of catalog.listStorageSnapshotLedger()) if (ownerIsRunning(entry.ownerPid)) tags.add(entry.sessionTag);
+  for (const entry of catalog.listVmSnapshotLedger()) if (snapshiftProcessIsAlive(entry.ownerPid)) tags.add(entry.sessionId.slice(0, 8));
+  for (const entry of catalog.listStorageSnapshotLedger()) if (snapshiftProcessIsAlive(entry.ownerPid)) tags.add(entry.sessionTag);
   return tags;
 }
 
@@ -43,7 +41,7 @@ export async function huntVmSnapshots(catalog: Catalog, options: { vmName?: stri
   const liveTags = liveSessionTags(catalog);
   for (const entry of catalog.listVmSnapshotLedger(options.vmName)) {
     const forced = options.includeEntries?.includes(entry.id) ?? false;
-    if (!forced && ownerIsRunning(entry.ownerPid)) continue;
+    if (!forced && snapshiftProcessIsAlive(entry.ownerPid)) continue;
     // One VM that cannot be repaired (QEMU not answering, I/O errors) must not stop the hunt for the others.
     const entryActions = await recoverEntry(entry, options.dryRun ?? false, (tag) => liveTags.has(tag) && !(forced && tag === entry.sessionId.slice(0, 8))).catch((error: unknown): HuntAction[] =>
       entry.overlays.map((overlay) => ({ vmName: entry.vmName, overlayPath: overlay.overlayPath, action: 'left-in-place', detail: messageOf(error) })),

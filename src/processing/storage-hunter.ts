@@ -2,7 +2,8 @@ import type { Catalog } from '../catalog/index.ts';
 import { messageOf } from '../core/errors.ts';
 import { locateImage, storageSystems } from '../storage/registry.ts';
 import type { StorageSnapshotInfo, StorageSystem, Volume } from '../storage/storage-system.ts';
-import { ownerIsRunning } from './snapshot-hunter.ts';
+import { snapshiftProcessIsAlive } from '../core/process-alive.ts';
+import { liveSessionTags } from './snapshot-hunter.ts';
 
 export interface StorageHuntAction {
   kind: string;
@@ -23,10 +24,9 @@ export async function huntStorageSnapshots(
 ): Promise<StorageHuntAction[]> {
   const systems = options.systems ?? storageSystems();
   const ledger = catalog.listStorageSnapshotLedger();
-  const liveTags = new Set(ledger.filter((entry) => ownerIsRunning(entry.ownerPid)).map((entry) => entry.sessionTag));
-  for (const entry of catalog.listVmSnapshotLedger()) if (ownerIsRunning(entry.ownerPid)) liveTags.add(entry.sessionId.slice(0, 8));
+  const liveTags = liveSessionTags(catalog);
   for (const tag of options.forceSessionTags ?? []) liveTags.delete(tag);
-  const isOrphan = (entry: { ownerPid: number; sessionTag: string }) => !ownerIsRunning(entry.ownerPid) || (options.forceSessionTags ?? []).includes(entry.sessionTag);
+  const isOrphan = (entry: { ownerPid: number; sessionTag: string }) => !snapshiftProcessIsAlive(entry.ownerPid) || (options.forceSessionTags ?? []).includes(entry.sessionTag);
 
   // Volumes to look at: those in the ledger and those holding any disk we have backed up.
   const volumesBySystem = new Map<StorageSystem, Map<string, Volume>>();

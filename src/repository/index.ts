@@ -7,4 +7,5 @@ export { applyRetention, forgetRestorePoints, type RetentionPolicy, type Retenti
 export { repairIndex, type RepairIndexReport } from './repair-index.ts';
 export { collectGarbage, defaultSafetyWindowMs, type GcOptions, type GcReport } from './gc.ts';
 export { addKey, listKeys, removeKey, repositoryInfo, type KeyInfo, type RepositoryInfo } from './key-management.ts';
+export { repositoryEncryption } from './repository-config.ts';
 export { SnapshiftError } from '../core/errors.ts';

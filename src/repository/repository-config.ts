@@ -1,3 +1,5 @@
+import { readFile } from 'node:fs/promises';
+import { resolve } from 'node:path';
 import { SnapshiftError } from '../core/errors.ts';
 
 /** The plaintext `config` file (docs/FORMAT.md § config). */
@@ -75,4 +77,18 @@ export function parseConfig(text: string, location: string): RepositoryConfig {
   checkChunkSize(config.chunkSizeBytes);
   parseCompression(config.compression);
   return config as RepositoryConfig;
+}
+
+/**
+ * Whether the repository at `repositoryPath` needs a password, read from its config before opening it (so a
+ * password is asked for only when needed): 'missing' when there is no readable config (opening says why).
+ */
+export async function repositoryEncryption(repositoryPath: string): Promise<'none' | 'encrypted' | 'missing'> {
+  const text = await readFile(resolve(repositoryPath, 'config'), 'utf8').catch(() => undefined);
+  if (text === undefined) return 'missing';
+  try {
+    return (JSON.parse(text) as { encryption?: unknown }).encryption === 'none' ? 'none' : 'encrypted';
+  } catch {
+    return 'encrypted'; // a damaged config: opening the repository reports it
+  }
 }

@@ -24,7 +24,7 @@ interface BlockJobInfo {
 }
 
 /** The job id we give the commit of an overlay: stable, so a later process can find and adopt it. */
-export function commitJobId(overlayNodeName: string): string {
+function commitJobId(overlayNodeName: string): string {
   return `${overlayNodeName}-commit`;
 }
 
