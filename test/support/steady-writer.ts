@@ -87,6 +87,20 @@ export class SteadyWriter {
     });
   }
 
+  /**
+   * Resolves once `count` more writes have completed, so a backup that follows has new data to store; fails
+   * (naming what the writer saw) if they do not come within `timeoutMs`.
+   */
+  async waitForWrites(count: number, timeoutMs = 15_000): Promise<void> {
+    const target = this.completed + count;
+    const deadline = performance.now() + timeoutMs;
+    while (this.completed < target) {
+      if (this.errors.length > 0) throw new Error(`the guest's writes failed: ${this.errors.map((error) => error.message).join('; ')}`);
+      if (performance.now() > deadline) throw new Error(`the guest made ${count - (target - this.completed)} of ${count} writes in ${timeoutMs} ms (running: ${this.#running}): it is stalled`);
+      await new Promise((resolve) => setTimeout(resolve, this.intervalMs));
+    }
+  }
+
   /** Stops after the write in flight; returns the last completed write. */
   async stop(): Promise<number> {
     this.#running = false;
