@@ -73,7 +73,7 @@ export async function main(args: string[]): Promise<void> {
     catalog.addHost({ name: 'bench-vm', kind: 'qemu', qmpSocketPath: daemon.qmpSocketPath, nbdSocketPath: daemon.nbdSocketPath });
     const backup = async (): Promise<{ wallMs: number; stats: TaskStats }> => {
       const begun = performance.now();
-      const run = await runBackup({ hosts: [catalog.getHost('bench-vm')!], mode: 'regular', repository, catalog, runDir: join(dir, 'run') });
+      const run = await runBackup({ vms: [catalog.getVm('bench-vm')!], mode: 'regular', repository, catalog, runDir: join(dir, 'run') });
       const outcome = run.outcomes[0]!;
       if (outcome.error) throw outcome.error;
       return { wallMs: performance.now() - begun, stats: outcome.result!.stats };

@@ -68,7 +68,7 @@ export async function main(args: string[]): Promise<void> {
     for (let run = 1; run <= runs; run++) {
       for (const mode of modes) {
         const guest = await freshGuest();
-        const backup = await runBackup({ hosts: [catalog.getHost('bench')!], mode, repository, catalog, runDir: join(root, 'run'), maxReadBytesPerSecond, failoverToRegular: false });
+        const backup = await runBackup({ vms: [catalog.getVm('bench')!], mode, repository, catalog, runDir: join(root, 'run'), maxReadBytesPerSecond, failoverToRegular: false });
         const outcome = backup.outcomes[0]!;
         if (!outcome.result) throw outcome.error ?? new Error(`${mode} backup failed`);
         const stats = outcome.result.stats;

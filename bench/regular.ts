@@ -87,12 +87,12 @@ export async function main(args: string[]): Promise<void> {
       await using repository = await openRepository(repoPath, { password: 'bench' });
       using catalog = Catalog.open(join(root, 'home'));
       catalog.addHost({ name: 'bench', kind: 'qemu', qmpSocketPath: daemon.qmpSocketPath, nbdSocketPath: daemon.nbdSocketPath });
-      const run = await runBackup({ hosts: [catalog.getHost('bench')!], mode: 'regular', repository, catalog, runDir: join(root, 'run'), readAhead });
+      const run = await runBackup({ vms: [catalog.getVm('bench')!], mode: 'regular', repository, catalog, runDir: join(root, 'run'), readAhead });
       const outcome = run.outcomes[0]!;
       if (!outcome.result) throw outcome.error ?? new Error('backup failed');
       backups.set(readAhead, outcome.result.stats);
       // Again, unchanged: every chunk is a duplicate, so the repository only hashes and the read path shows.
-      const again = (await runBackup({ hosts: [catalog.getHost('bench')!], mode: 'regular', repository, catalog, runDir: join(root, 'run'), readAhead })).outcomes[0]!;
+      const again = (await runBackup({ vms: [catalog.getVm('bench')!], mode: 'regular', repository, catalog, runDir: join(root, 'run'), readAhead })).outcomes[0]!;
       if (!again.result) throw again.error ?? new Error('second backup failed');
       unchanged.set(readAhead, again.result.stats);
       writerWait.set(readAhead, (100 * outcome.result.stats.disks[0]!.writerWaitMs) / outcome.result.stats.disks[0]!.durationMs);

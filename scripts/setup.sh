@@ -14,6 +14,7 @@ APT_PACKAGES=(
   btrfs-progs xfsprogs              # the btrfs provider and the lab's datastores (btrfs, mkfs.btrfs, mkfs.xfs, xfs_info)
   busybox-static                    # the tiny guest's whole userland (its initramfs is written by our own code)
   libnbd-bin                        # nbdinfo / nbdcopy: references our NBD client is compared with
+  libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients  # the libvirt adapter's tests: the lab's own libvirtd/virtlogd, virsh
   qemu-guest-agent                  # a real guest agent for the quiesce tests (run on the host, freeze blocked)
   restic                            # the repository benchmark's yardstick
   zfs-fuse                          # the lab's ZFS datastore (zfs-fuse: no kernel module needed), zfs, zpool

@@ -5,7 +5,11 @@ import { migrate } from './schema.ts';
 import { JobStore } from './job-store.ts';
 import { checkVmName } from './vm-name.ts';
 
-export interface HostRecord {
+/** Kinds of hypervisor endpoint snapshift can protect VMs on (src/hypervisor/registry.ts). */
+export type HostKind = 'qemu' | 'libvirt';
+
+/** One QEMU process (a VM, or qemu-storage-daemon standing in for one) reached through its QMP socket. */
+export interface QemuHostRecord {
   name: string;
   kind: 'qemu';
   qmpSocketPath: string;
@@ -14,6 +18,33 @@ export interface HostRecord {
   /** The host side of the VM's guest agent channel, for quiescing; null when the VM has none. */
   qgaSocketPath?: string | null;
   createdAt: string;
+}
+
+/** A libvirt daemon reached through a connection URI (`qemu:///system`, `qemu+unix:///system?socket=…`). */
+export interface LibvirtHostRecord {
+  name: string;
+  kind: 'libvirt';
+  uri: string;
+  createdAt: string;
+}
+
+/** A hypervisor endpoint serving VMs: a QMP socket serves one VM, a libvirt URI many. */
+export type HostRecord = QemuHostRecord | LibvirtHostRecord;
+
+/** A protected VM: its name in snapshift (restore points carry it), its host and what the host calls it. */
+export interface VmRecord {
+  name: string;
+  hostName: string;
+  /** The VM on its host: a libvirt domain name; for a QEMU host, the host's one VM (its own name). */
+  ref: string;
+  /** The hypervisor's stable identity of the VM (libvirt domain UUID, QEMU -uuid), when it has one. */
+  uuid: string | null;
+  createdAt: string;
+}
+
+/** A VM with its host: what a backup task needs to reach it. */
+export interface VmTarget extends VmRecord {
+  host: HostRecord;
 }
 
 export interface RestorePointRecord {
@@ -29,11 +60,16 @@ export interface RestorePointRecord {
 export interface VmSnapshotLedgerEntry {
   id: number;
   vmName: string;
+  /** The host the VM was on; null in rows written before hosts served several VMs (then `qmpSocketPath`). */
+  hostName: string | null;
+  /** The QMP socket of a qemu host (also kept for a removed host's rows); '' for other kinds. */
   qmpSocketPath: string;
   /** The process that created the snapshot; a row whose process is gone belongs to no running task. */
   ownerPid: number;
   sessionId: string;
   overlays: Array<{ baseNodeName: string; overlayNodeName: string; overlayPath: string }>;
+  /** What else the host's adapter needs to find and undo the snapshot (e.g. a libvirt domain name). */
+  adapter?: Record<string, unknown>;
   createdAt: string;
 }
 
@@ -87,18 +123,26 @@ export class Catalog implements Disposable {
     this.close();
   }
 
-  // ---- hosts (for QEMU one host is one QEMU process, hence one VM of the same name)
+  // ---- hosts (endpoints) and the VMs they serve
 
-  addHost(host: Omit<HostRecord, 'createdAt'>): HostRecord {
+  /** Adds or updates a host. A qemu host serves one VM, registered with it under the host's name. */
+  addHost(host: Omit<QemuHostRecord, 'createdAt'> | Omit<LibvirtHostRecord, 'createdAt'>): HostRecord {
     checkVmName(host.name);
     const createdAt = new Date().toISOString();
-    this.#db
-      .prepare(
-        `INSERT INTO hosts (name, kind, qmp_socket, nbd_socket, qga_socket, created_at) VALUES (?, ?, ?, ?, ?, ?)
-         ON CONFLICT(name) DO UPDATE SET kind = excluded.kind, qmp_socket = excluded.qmp_socket, nbd_socket = excluded.nbd_socket, qga_socket = excluded.qga_socket`,
-      )
-      .run(host.name, host.kind, host.qmpSocketPath, host.nbdSocketPath, host.qgaSocketPath ?? null, createdAt);
-    return this.getHost(host.name)!;
+    const { name, kind, ...address } = host;
+    this.#db.transaction(() => {
+      this.#db
+        .prepare('INSERT INTO hosts (name, kind, address, created_at) VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET kind = excluded.kind, address = excluded.address')
+        .run(name, kind, JSON.stringify(address), createdAt);
+      if (kind === 'qemu') this.addVm({ name, hostName: name, ref: name, uuid: null });
+    })();
+    return this.getHost(name)!;
+  }
+
+  /** Registers a QEMU VM by its QMP socket (a host of its own, same name) and returns it ready for a task. */
+  addQemuVm(vm: { name: string; qmpSocketPath: string; nbdSocketPath?: string | null; qgaSocketPath?: string | null }): VmTarget {
+    this.addHost({ kind: 'qemu', name: vm.name, qmpSocketPath: vm.qmpSocketPath, nbdSocketPath: vm.nbdSocketPath ?? null, qgaSocketPath: vm.qgaSocketPath ?? null });
+    return this.getVm(vm.name)!;
   }
 
   getHost(name: string): HostRecord | undefined {
@@ -110,8 +154,43 @@ export class Catalog implements Disposable {
     return (this.#db.prepare('SELECT * FROM hosts ORDER BY name').all() as HostRow[]).map(hostFromRow);
   }
 
+  /** Forgets a host and the VMs it serves (their restore points stay in the repository). */
   removeHost(name: string): boolean {
-    return this.#db.prepare('DELETE FROM hosts WHERE name = ?').run(name).changes > 0;
+    return this.#db.transaction(() => {
+      this.#db.prepare('DELETE FROM vms WHERE host_name = ?').run(name);
+      return this.#db.prepare('DELETE FROM hosts WHERE name = ?').run(name).changes > 0;
+    })();
+  }
+
+  /** Adds or updates a VM of a registered host; a VM name is unique across hosts. */
+  addVm(vm: Omit<VmRecord, 'createdAt'>): VmRecord {
+    checkVmName(vm.name);
+    const owner = this.#db.prepare('SELECT host_name FROM vms WHERE name = ?').get(vm.name) as { host_name: string } | undefined;
+    if (owner && owner.host_name !== vm.hostName) {
+      throw new SnapshiftError('VM_NAME_TAKEN', `a VM named "${vm.name}" is already registered on host ${owner.host_name}: give this one another name`);
+    }
+    this.#db
+      .prepare('INSERT INTO vms (name, host_name, ref, uuid, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET ref = excluded.ref, uuid = excluded.uuid')
+      .run(vm.name, vm.hostName, vm.ref, vm.uuid, new Date().toISOString());
+    return this.listVms().find((candidate) => candidate.name === vm.name)!;
+  }
+
+  /** A VM with its host, or undefined if no such VM (or its host is gone). */
+  getVm(name: string): VmTarget | undefined {
+    const row = this.#db.prepare('SELECT * FROM vms WHERE name = ?').get(name) as VmRow | undefined;
+    const host = row ? this.getHost(row.host_name) : undefined;
+    return row && host ? { ...vmFromRow(row), host } : undefined;
+  }
+
+  listVms(hostName?: string): VmRecord[] {
+    const rows = (
+      hostName === undefined ? this.#db.prepare('SELECT * FROM vms ORDER BY name').all() : this.#db.prepare('SELECT * FROM vms WHERE host_name = ? ORDER BY name').all(hostName)
+    ) as VmRow[];
+    return rows.map(vmFromRow);
+  }
+
+  removeVm(name: string): boolean {
+    return this.#db.prepare('DELETE FROM vms WHERE name = ?').run(name).changes > 0;
   }
 
   // ---- disks seen at the last backup
@@ -170,7 +249,7 @@ export class Catalog implements Disposable {
   recordVmSnapshotIntent(entry: Omit<VmSnapshotLedgerEntry, 'id' | 'createdAt'>): number {
     const result = this.#db
       .prepare('INSERT INTO snapshot_ledger (kind, vm_name, qmp_socket, owner_pid, session_id, details, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)')
-      .run('vm', entry.vmName, entry.qmpSocketPath, entry.ownerPid, entry.sessionId, JSON.stringify({ overlays: entry.overlays }), new Date().toISOString());
+      .run('vm', entry.vmName, entry.qmpSocketPath, entry.ownerPid, entry.sessionId, JSON.stringify({ hostName: entry.hostName, overlays: entry.overlays, ...(entry.adapter ? { adapter: entry.adapter } : {}) }), new Date().toISOString());
     return Number(result.lastInsertRowid);
   }
 
@@ -205,24 +284,34 @@ export class Catalog implements Disposable {
         ? this.#db.prepare("SELECT * FROM snapshot_ledger WHERE kind = 'vm' ORDER BY id").all()
         : this.#db.prepare("SELECT * FROM snapshot_ledger WHERE kind = 'vm' AND vm_name = ? ORDER BY id").all(vmName)
     ) as LedgerRow[];
-    return rows.map((row) => ({
-      id: row.id,
-      vmName: row.vm_name,
-      qmpSocketPath: row.qmp_socket,
-      ownerPid: row.owner_pid,
-      sessionId: row.session_id,
-      overlays: (JSON.parse(row.details) as { overlays: VmSnapshotLedgerEntry['overlays'] }).overlays,
-      createdAt: row.created_at,
-    }));
+    return rows.map((row) => {
+      const details = JSON.parse(row.details) as Pick<VmSnapshotLedgerEntry, 'overlays' | 'adapter'> & { hostName?: string | null };
+      return {
+        id: row.id,
+        vmName: row.vm_name,
+        hostName: details.hostName ?? null,
+        qmpSocketPath: row.qmp_socket,
+        ownerPid: row.owner_pid,
+        sessionId: row.session_id,
+        overlays: details.overlays,
+        ...(details.adapter ? { adapter: details.adapter } : {}),
+        createdAt: row.created_at,
+      };
+    });
   }
 }
 
 interface HostRow {
   name: string;
-  kind: 'qemu';
-  qmp_socket: string;
-  nbd_socket: string | null;
-  qga_socket: string | null;
+  kind: string;
+  address: string;
+  created_at: string;
+}
+interface VmRow {
+  name: string;
+  host_name: string;
+  ref: string;
+  uuid: string | null;
   created_at: string;
 }
 interface RestorePointRow {
@@ -245,5 +334,12 @@ interface LedgerRow {
 }
 
 function hostFromRow(row: HostRow): HostRecord {
-  return { name: row.name, kind: row.kind, qmpSocketPath: row.qmp_socket, nbdSocketPath: row.nbd_socket, qgaSocketPath: row.qga_socket, createdAt: row.created_at };
+  const address = JSON.parse(row.address) as Record<string, unknown>;
+  const text = (key: string): string | null => (typeof address[key] === 'string' ? (address[key] as string) : null);
+  if (row.kind === 'libvirt') return { name: row.name, kind: 'libvirt', uri: text('uri') ?? '', createdAt: row.created_at };
+  return { name: row.name, kind: 'qemu', qmpSocketPath: text('qmpSocketPath') ?? '', nbdSocketPath: text('nbdSocketPath'), qgaSocketPath: text('qgaSocketPath'), createdAt: row.created_at };
+}
+
+function vmFromRow(row: VmRow): VmRecord {
+  return { name: row.name, hostName: row.host_name, ref: row.ref, uuid: row.uuid, createdAt: row.created_at };
 }

@@ -64,11 +64,33 @@ const migrations: string[] = [
      PRIMARY KEY (session_id, vm_name)
    );`,
   `ALTER TABLE hosts ADD COLUMN qga_socket TEXT;`,
+  // A host is an endpoint serving VMs (a QMP socket serves one, a libvirt URI many): until v3 a row of
+  // `hosts` was one QEMU VM. Each becomes a qemu host with one VM of the same name.
+  `CREATE TABLE hosts_v4 (
+     name TEXT PRIMARY KEY,
+     kind TEXT NOT NULL,
+     address TEXT NOT NULL,
+     created_at TEXT NOT NULL
+   );
+   INSERT INTO hosts_v4 (name, kind, address, created_at)
+     SELECT name, kind, json_object('qmpSocketPath', qmp_socket, 'nbdSocketPath', nbd_socket, 'qgaSocketPath', qga_socket), created_at FROM hosts;
+   CREATE TABLE vms (
+     name TEXT PRIMARY KEY,
+     host_name TEXT NOT NULL,
+     ref TEXT NOT NULL,
+     uuid TEXT,
+     created_at TEXT NOT NULL
+   );
+   INSERT INTO vms (name, host_name, ref, uuid, created_at) SELECT name, name, name, NULL, created_at FROM hosts;
+   DROP TABLE hosts;
+   ALTER TABLE hosts_v4 RENAME TO hosts;
+   CREATE INDEX vms_by_host ON vms (host_name);`,
 ];
 
-export function migrate(db: Database.Database): void {
+/** Brings the catalog to the latest schema (or to `target`: the migration test builds an old catalog with it). */
+export function migrate(db: Database.Database, target = migrations.length): void {
   const current = db.pragma('user_version', { simple: true }) as number;
-  for (let version = current; version < migrations.length; version++) {
+  for (let version = current; version < target; version++) {
     db.transaction(() => {
       db.exec(migrations[version]!);
       db.pragma(`user_version = ${version + 1}`);

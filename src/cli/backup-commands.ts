@@ -48,19 +48,19 @@ export function registerBackupCommands(program: Command): void {
         const { vmsPerStorageSnapshot, maxReadRate } = options;
         for (const name of vmNames) checkVmName(name);
         using catalog = openCatalog(command);
-        const hosts = vmNames.map((name) => {
-          const host = catalog.getHost(name);
-          if (!host) throw new SnapshiftError('VM_UNKNOWN', `no VM named "${name}": add it with "snapshift host add qemu --qmp PATH --name ${name}"`);
-          return host;
+        const vms = vmNames.map((name) => {
+          const vm = catalog.getVm(name);
+          if (!vm) throw new SnapshiftError('VM_UNKNOWN', `no VM named "${name}": add it with "snapshift host add qemu --qmp PATH --name ${name}", or add its libvirt host ("snapshift host add libvirt --uri URI")`);
+          return vm;
         });
         await using repository = await openRepositoryForCli(options, catalog, vmNames[0]);
-        const bars = new Map(hosts.map((host) => [host.name, new ProgressBar(!options.json && !options.quiet, host.name)]));
+        const bars = new Map(vms.map((vm) => [vm.name, new ProgressBar(!options.json && !options.quiet, vm.name)]));
         let run: BackupRunResult;
         let stopped = false;
         try {
           run = await withStopSignals('VM snapshots are committed, storage snapshots removed, no partial restore point', async (signal) => {
             const result = await runBackup({
-              hosts,
+              vms,
               mode,
               repository,
               catalog,

@@ -1,6 +1,6 @@
 import { mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { Catalog, HostRecord } from '../catalog/index.ts';
+import type { Catalog, VmTarget } from '../catalog/index.ts';
 import { SnapshiftError } from '../core/errors.ts';
 import { exec } from '../core/exec.ts';
 import type { LabVm } from '../lab/index.ts';
@@ -36,7 +36,8 @@ export interface RestoreVerification {
 }
 
 export interface DemoBackupInput {
-  host: HostRecord;
+  /** The lab VM as the catalog knows it (host and name). */
+  target: VmTarget;
   vm: LabVm;
   mode: ProcessingMode;
   repository: Repository;
@@ -63,7 +64,7 @@ export async function demoBackup(input: DemoBackupInput): Promise<DemoBackup> {
   let run;
   try {
     run = await runBackup({
-      hosts: [input.host],
+      vms: [input.target],
       mode: input.mode,
       repository: input.repository,
       catalog: input.catalog,
@@ -85,7 +86,7 @@ export async function demoBackup(input: DemoBackupInput): Promise<DemoBackup> {
   }
   const totalMs = performance.now() - started;
   const outcome = run.outcomes[0];
-  if (!outcome?.result) throw new SnapshiftError('DEMO_BACKUP_FAILED', `${input.mode} backup of ${input.host.name} failed: ${outcome?.error?.message ?? 'no outcome'}`, { cause: outcome?.error });
+  if (!outcome?.result) throw new SnapshiftError('DEMO_BACKUP_FAILED', `${input.mode} backup of ${input.target.name} failed: ${outcome?.error?.message ?? 'no outcome'}`, { cause: outcome?.error });
   if (outcome.result.stats.mode !== input.mode) throw new SnapshiftError('DEMO_BACKUP_FAILED', `asked for a ${input.mode} backup, got ${outcome.result.stats.mode}`);
   if (referenceCopyMs === undefined) throw new SnapshiftError('DEMO_BACKUP_FAILED', 'the backup never reached its VM snapshot (no reference copy was made)');
   if (!(await input.vm.isRunning())) throw new SnapshiftError('LAB_VM_FAILED', `the demo guest stopped during the ${input.mode} backup`);

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Command } from 'commander';
-import { Catalog, type HostRecord } from '../catalog/index.ts';
+import { Catalog, type VmTarget } from '../catalog/index.ts';
 import { SnapshiftError } from '../core/errors.ts';
 import { Lab, defaultLabDir, formatByteSize, type LabVm } from '../lab/index.ts';
 import { initRepository, openRepository, type Repository } from '../repository/index.ts';
@@ -25,7 +25,7 @@ interface DemoContext {
   lab?: Lab;
   vm?: LabVm;
   catalog?: Catalog;
-  host?: HostRecord;
+  target?: VmTarget;
   repository?: Repository;
   backups: DemoBackup[];
 }
@@ -101,7 +101,7 @@ const demoSteps: DemoStep[] = [
       await mkdir(paths.home, { recursive: true, mode: 0o700 });
       context.catalog = Catalog.open(paths.home);
       // nbdSocketPath null: the guest's QEMU runs no NBD server of its own, the engine starts one per backup.
-      context.host = context.catalog.addHost({ name: demoVmName, kind: 'qemu', qmpSocketPath: vm.qmpSocketPath, nbdSocketPath: null });
+      context.target = context.catalog.addQemuVm({ name: demoVmName, qmpSocketPath: vm.qmpSocketPath });
       const password = randomBytes(24).toString('base64url');
       await writeFile(paths.passwordFile, `${password}\n`, { mode: 0o600 });
       await initRepository(paths.repository, { password, encryption: true });
@@ -156,7 +156,7 @@ function backupStep(mode: DemoBackup['mode'], title: string): DemoStep {
     async run(context) {
       const lab = need(context.lab, 'lab');
       const backup = await demoBackup({
-        host: need(context.host, 'host'),
+        target: need(context.target, 'target'),
         vm: need(context.vm, 'vm'),
         mode,
         repository: need(context.repository, 'repository'),

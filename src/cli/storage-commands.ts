@@ -1,5 +1,5 @@
 import type { Command } from 'commander';
-import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
+import { openVm } from '../hypervisor/registry.ts';
 import { locateImage } from '../storage/registry.ts';
 import { openCatalog, printJson } from './context.ts';
 import { formatColumns } from './format.ts';
@@ -14,17 +14,19 @@ export function registerStorageCommands(program: Command): void {
     .option('--json', 'print the result as JSON')
     .action(async (vmNames: string[], options: { json?: boolean }, command: Command) => {
       using catalog = openCatalog(command);
-      const hosts = catalog.listHosts().filter((host) => vmNames.length === 0 || vmNames.includes(host.name));
+      const vms = catalog.listVms().filter((vm) => vmNames.length === 0 || vmNames.includes(vm.name));
       const rows: Array<{ vm: string; disk: string; image: string; system: string | null; volume: string | null; error?: string }> = [];
-      for (const host of hosts) {
+      for (const record of vms) {
         try {
-          await using qemu = await QemuHost.connect(host, 5_000);
-          for (const disk of await qemu.listDisks()) {
+          const target = catalog.getVm(record.name);
+          if (!target) throw new Error(`its host ${record.hostName} is not registered`);
+          await using vm = await openVm(target, { timeoutMs: 5_000 });
+          for (const disk of await vm.listDisks()) {
             const where = await locateImage(disk.imagePath);
-            rows.push({ vm: host.name, disk: disk.name, image: disk.imagePath, system: where?.system.kind ?? null, volume: where?.volume.id ?? null });
+            rows.push({ vm: record.name, disk: disk.name, image: disk.imagePath, system: where?.system.kind ?? null, volume: where?.volume.id ?? null });
           }
         } catch (error) {
-          rows.push({ vm: host.name, disk: '-', image: '-', system: null, volume: null, error: (error as Error).message });
+          rows.push({ vm: record.name, disk: '-', image: '-', system: null, volume: null, error: (error as Error).message });
         }
       }
       if (options.json) return printJson(rows);

@@ -10,10 +10,12 @@ export const features = {
   xfs: { description: 'the XFS (reflink) storage provider', includes: ['engine'] },
   zfs: { description: 'the ZFS storage provider', includes: ['engine'] },
   'ceph-rbd': { description: 'the Ceph RBD storage provider', includes: ['engine'] },
+  libvirt: { description: 'the libvirt hypervisor adapter (host add libvirt)', includes: ['engine'] },
   lab: { description: "the lab's btrfs/XFS datastores and guests (lab up, npm run demo)", includes: ['engine', 'btrfs', 'xfs'] },
   'lab-zfs': { description: "the lab's ZFS datastore (lab zfs up)", includes: ['lab', 'zfs'] },
   'lab-ceph': { description: "the lab's single-node Ceph", includes: ['lab', 'ceph-rbd'] },
-  tests: { description: 'the test suite (npm test)', includes: ['lab', 'lab-zfs', 'lab-ceph'] },
+  'lab-libvirt': { description: "the lab's own libvirtd and its domains", includes: ['lab', 'libvirt'] },
+  tests: { description: 'the test suite (npm test)', includes: ['lab', 'lab-zfs', 'lab-ceph', 'lab-libvirt'] },
   bench: { description: 'the benchmarks (npm run bench)', includes: ['lab'] },
 } as const satisfies Record<string, { description: string; includes: readonly string[] }>;
 
@@ -50,6 +52,8 @@ export type Probe =
       moduleName?: string;
     }
   | { kind: 'device'; path: string }
+  /** A plugin file that no program names (libvirtd's QEMU driver): present or not. */
+  | { kind: 'file'; path: string }
   | { kind: 'kvm' }
   | { kind: 'filesystem'; name: string }
   | { kind: 'node-version'; minimum: string }

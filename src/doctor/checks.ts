@@ -53,6 +53,7 @@ export const checks: readonly Check[] = [
   program('cp', 'coreutils', ['xfs', 'lab'], 'no storage snapshots on XFS (reflink clones with cp --reflink=always); the demo cannot keep its reference copy'),
   program('zfs', 'zfs-fuse', ['zfs', 'lab-zfs'], 'no storage snapshots on ZFS (zfs snapshot + clone)'),
   program('zpool', 'zfs-fuse', ['zfs', 'lab-zfs'], 'the ZFS provider cannot tell whether the ZFS daemon answers; the lab cannot make its pool'),
+  program('virsh', 'libvirt-clients', ['libvirt'], 'no libvirt hosts: snapshift talks to libvirt through virsh'),
   program('rbd', 'ceph-common', ['ceph-rbd', 'lab-ceph'], 'no storage snapshots on Ceph RBD (rbd snap create, rbd diff)'),
   {
     id: 'qemu-block-driver:rbd',
@@ -132,6 +133,15 @@ export const checks: readonly Check[] = [
   program('ceph', 'ceph-common', ['lab-ceph'], "the lab cannot set up or watch its Ceph (pools, health)"),
   program('ceph-authtool', 'ceph-common', ['lab-ceph'], "the lab cannot make its Ceph keyrings"),
   program('monmaptool', 'ceph-base', ['lab-ceph'], "the lab cannot make its Ceph monitor map"),
+  program('libvirtd', 'libvirt-daemon-system', ['lab-libvirt'], 'the lab cannot start its own libvirtd'),
+  program('virtlogd', 'libvirt-daemon-system', ['lab-libvirt'], "the lab's libvirtd has no log daemon for its domains"),
+  {
+    id: 'file:libvirt-qemu-driver',
+    probe: { kind: 'file', path: '/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so' },
+    debianPackage: 'libvirt-daemon-driver-qemu',
+    neededBy: ['lab-libvirt'],
+    withoutIt: "the lab's libvirtd cannot run QEMU domains",
+  },
 
   // Used by the tests alone.
   program('qemu-io', 'qemu-utils', ['tests'], 'the tests cannot write patterns into test images'),

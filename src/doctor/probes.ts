@@ -114,6 +114,11 @@ const probers: { [K in Probe['kind']]: Prober<K> } = {
     },
   },
 
+  file: {
+    label: ({ path: file }) => file,
+    run: async ({ path: file }) => (existsSync(file) ? { found: true, detail: 'present' } : { found: false, detail: 'does not exist' }),
+  },
+
   kvm: {
     label: () => '/dev/kvm (KVM)',
     // The lab's own choice (chooseAccelerator), so doctor says what a lab guest will really use.

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
-import { SessionState, type Catalog, type HostRecord } from '../catalog/index.ts';
+import { SessionState, type Catalog, type VmTarget } from '../catalog/index.ts';
 import { messageOf } from '../core/errors.ts';
 import { faultPoint } from '../core/fault-points.ts';
 import { snapshiftProcessIsAlive } from '../core/process-alive.ts';
@@ -58,15 +58,15 @@ export async function runJob(job: JobDefinition, context: JobRunContext): Promis
   try {
     const password = typeof context.password === 'function' ? await context.password() : context.password;
     repository = await openRepository(job.repository, { password, maxWriteBytesPerSecond: context.maxWriteBytesPerSecond });
-    const hosts: HostRecord[] = [];
+    const vms: VmTarget[] = [];
     for (const vmName of job.vms) {
-      const host = catalog.getHost(vmName);
-      if (host) hosts.push(host);
+      const vm = catalog.getVm(vmName);
+      if (vm) vms.push(vm);
       else tasks.push({ vmName, state: SessionState.failed, reason: `no VM named "${vmName}" (add it with "snapshift host add")` });
     }
-    if (hosts.length > 0) {
+    if (vms.length > 0) {
       const run = await runBackup({
-        hosts,
+        vms,
         mode: job.mode,
         repository,
         catalog,

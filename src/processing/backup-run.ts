@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
-import type { Catalog, HostRecord } from '../catalog/index.ts';
-import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
+import type { Catalog, VmTarget } from '../catalog/index.ts';
+import { openVm } from '../hypervisor/registry.ts';
 import type { Repository } from '../repository/index.ts';
 import { locateImage, storageSystems } from '../storage/registry.ts';
 import type { StorageSystem } from '../storage/storage-system.ts';
@@ -16,7 +16,8 @@ import { faultPoint } from '../core/fault-points.ts';
 export type ProcessingMode = 'regular' | 'storage-snapshot';
 
 export interface BackupRunInput extends TaskTuning {
-  hosts: readonly HostRecord[];
+  /** The VMs to back up, each with the host that serves it (`catalog.getVm`). */
+  vms: readonly VmTarget[];
   mode: ProcessingMode;
   repository: Repository;
   catalog: Catalog;
@@ -67,40 +68,40 @@ export async function runBackup(input: BackupRunInput): Promise<BackupRunResult>
   const outcomes: VmOutcome[] = [];
   let storageSnapshotCount = 0;
 
-  const runRegular = async (host: HostRecord, failoverReason?: string) => {
+  const runRegular = async (vm: VmTarget, failoverReason?: string) => {
     const undoWarnings: string[] = [];
     try {
       input.signal?.throwIfAborted();
-      const result = await backupVmRegular({ ...input, host, sessionId, failoverReason, skipHunt: true, undoWarnings });
-      outcomes.push({ vmName: host.name, result: { ...result, failoverReason } });
+      const result = await backupVmRegular({ ...input, vm, sessionId, failoverReason, skipHunt: true, undoWarnings });
+      outcomes.push({ vmName: vm.name, result: { ...result, failoverReason } });
     } catch (error) {
-      outcomes.push({ vmName: host.name, error: error as Error, ...(undoWarnings.length > 0 ? { warnings: undoWarnings } : {}) });
+      outcomes.push({ vmName: vm.name, error: error as Error, ...(undoWarnings.length > 0 ? { warnings: undoWarnings } : {}) });
     }
   };
 
   const parallel = Math.max(1, input.parallel ?? 1);
   if (input.mode === 'regular') {
-    await forEachConcurrently(input.hosts, parallel, (host) => runRegular(host));
+    await forEachConcurrently(input.vms, parallel, (vm) => runRegular(vm));
     return { sessionId, outcomes, storageSnapshotCount, hunted };
   }
 
-  const { groups, unsupported, failed } = await groupByVolume(input.hosts, systems, input.vmsPerStorageSnapshot ?? 10);
+  const { groups, unsupported, failed } = await groupByVolume(input.vms, systems, input.vmsPerStorageSnapshot ?? 10);
   outcomes.push(...failed);
   const units: Array<() => Promise<void>> = [
-    ...unsupported.map(({ host, reason }) => async () => {
-      if (failover) await runRegular(host, reason);
-      else outcomes.push({ vmName: host.name, error: new StorageUnsupported(`${reason} (failover to regular mode is off; the VM was not touched)`) });
+    ...unsupported.map(({ vm, reason }) => async () => {
+      if (failover) await runRegular(vm, reason);
+      else outcomes.push({ vmName: vm.name, error: new StorageUnsupported(`${reason} (failover to regular mode is off; the VM was not touched)`) });
     }),
     ...groups.map((group) => async () => {
       if (input.signal?.aborted) {
-        outcomes.push(...group.map((host) => ({ vmName: host.name, error: new Error('stopped before it started') })));
+        outcomes.push(...group.map((vm) => ({ vmName: vm.name, error: new Error('stopped before it started') })));
         return;
       }
       // Each group names its snapshots with its own tag: groups that run at once on one file system (or one
       // volume split by the per-snapshot limit) would otherwise both want `snapshift-<tag>-0`.
       const groupSessionId = groups.length === 1 ? sessionId : randomUUID();
       try {
-        const groupOutcomes = await backupGroupFromStorageSnapshots({ ...input, hosts: group, sessionId: groupSessionId, failoverToRegular: failover, systems });
+        const groupOutcomes = await backupGroupFromStorageSnapshots({ ...input, vms: group, sessionId: groupSessionId, failoverToRegular: failover, systems });
         if (groupOutcomes.some((outcome) => outcome.result?.stats.mode === 'storage-snapshot')) storageSnapshotCount++;
         outcomes.push(...groupOutcomes);
       } catch (error) {
@@ -108,12 +109,12 @@ export async function runBackup(input: BackupRunInput): Promise<BackupRunResult>
         // hunter would, on fresh connections, so no guest is left on an overlay and no storage snapshot stays.
         // VMs whose restore point was committed keep it: the failed undo is their warning, not their failure.
         const done = error instanceof GroupUndoFailed ? error.outcomes : [];
-        const recovery = await recoverSession(input.catalog, groupSessionId, group.map((host) => host.name), systems);
+        const recovery = await recoverSession(input.catalog, groupSessionId, group.map((vm) => vm.name), systems);
         const warning = `${messageOf(error)}${recovery}`;
-        for (const host of group) {
-          const outcome = done.find((candidate) => candidate.vmName === host.name);
+        for (const vm of group) {
+          const outcome = done.find((candidate) => candidate.vmName === vm.name);
           if (outcome?.result) outcomes.push({ ...outcome, result: { ...outcome.result, warnings: [...(outcome.result.warnings ?? []), warning] } });
-          else outcomes.push({ vmName: host.name, error: outcome?.error ?? (error as Error), ...(outcome?.warnings ? { warnings: outcome.warnings } : {}) });
+          else outcomes.push({ vmName: vm.name, error: outcome?.error ?? (error as Error), ...(outcome?.warnings ? { warnings: outcome.warnings } : {}) });
         }
       }
     }),
@@ -124,31 +125,31 @@ export async function runBackup(input: BackupRunInput): Promise<BackupRunResult>
 
 /**
  * Groups VMs whose disks share a volume (so one storage snapshot serves them), at most `maxPerGroup` each.
- * Listing disks needs a brief QMP connection per VM, closed before the group opens its own.
+ * Listing disks opens each VM briefly (a QMP connection, a virsh call), closed before the group opens its own.
  */
-async function groupByVolume(hosts: readonly HostRecord[], systems: readonly StorageSystem[], maxPerGroup: number) {
-  const groupsByKey = new Map<string, HostRecord[]>();
-  const unsupported: Array<{ host: HostRecord; reason: string }> = [];
+async function groupByVolume(vms: readonly VmTarget[], systems: readonly StorageSystem[], maxPerGroup: number) {
+  const groupsByKey = new Map<string, VmTarget[]>();
+  const unsupported: Array<{ vm: VmTarget; reason: string }> = [];
   const failed: VmOutcome[] = [];
-  for (const host of hosts) {
+  for (const vm of vms) {
     try {
       const volumeKeys: string[] = [];
       {
-        await using qemu = await QemuHost.connect(host);
-        for (const disk of await qemu.listDisks()) {
+        await using opened = await openVm(vm);
+        for (const disk of await opened.listDisks()) {
           const where = await locateImage(disk.imagePath, systems);
           if (!where) throw new StorageUnsupported(`disk ${disk.name} (${disk.imagePath}) is on no storage system snapshift can snapshot`);
           volumeKeys.push(`${where.system.kind}:${where.volume.id}`);
         }
       }
       const key = [...new Set(volumeKeys)].sort().join('|');
-      groupsByKey.set(key, [...(groupsByKey.get(key) ?? []), host]);
+      groupsByKey.set(key, [...(groupsByKey.get(key) ?? []), vm]);
     } catch (error) {
-      if (error instanceof StorageUnsupported) unsupported.push({ host, reason: error.message });
-      else failed.push({ vmName: host.name, error: error as Error });
+      if (error instanceof StorageUnsupported) unsupported.push({ vm, reason: error.message });
+      else failed.push({ vmName: vm.name, error: error as Error });
     }
   }
-  const groups: HostRecord[][] = [];
+  const groups: VmTarget[][] = [];
   for (const members of groupsByKey.values()) {
     for (let index = 0; index < members.length; index += maxPerGroup) groups.push(members.slice(index, index + maxPerGroup));
   }

@@ -1,15 +1,13 @@
 import { randomUUID } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
-import { join } from 'node:path';
-import type { Catalog, HostRecord } from '../catalog/index.ts';
-import type { VmSnapshotStats } from '../hypervisor/hypervisor.ts';
-import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
+import type { Catalog, VmTarget } from '../catalog/index.ts';
+import type { SnapshotLedger, VmSnapshotStats } from '../hypervisor/hypervisor.ts';
+import { openVm } from '../hypervisor/registry.ts';
 import type { Repository, RestorePointSummary } from '../repository/index.ts';
-import { planChangedBlocks } from './changed-block-tracking.ts';
+import { cbtInputOf } from './cbt-chain-key.ts';
 import { huntVmSnapshots, type HuntAction } from './snapshot-hunter.ts';
 import { summarizeTask, type TaskStats } from './task-stats.ts';
-import { copyVmDisks, socketSafe, type VmDiskCopy } from './vm-copy.ts';
-import { planQuiesce } from './quiesce.ts';
+import { copyVmDisks, type VmDiskCopy } from './vm-copy.ts';
 import type { TaskTuning } from './task-options.ts';
 import { faultPoint } from '../core/fault-points.ts';
 
@@ -21,7 +19,7 @@ export interface TaskProgress {
 }
 
 export interface BackupTaskInput extends TaskTuning {
-  host: HostRecord;
+  vm: VmTarget;
   repository: Repository;
   catalog: Catalog;
   /** Sockets and other per-run files go here. */
@@ -56,43 +54,35 @@ export async function backupVmRegular(input: BackupTaskInput): Promise<BackupTas
   const sessionId = input.sessionId ?? randomUUID();
   mkdirSync(input.runDir, { recursive: true });
   // Before we hold the QMP connection (QEMU serves one client at a time): clean what a crash left.
-  const recovered = input.skipHunt ? [] : await huntVmSnapshots(input.catalog, { vmName: input.host.name });
+  const recovered = input.skipHunt ? [] : await huntVmSnapshots(input.catalog, { vmName: input.vm.name });
   if (!input.skipHunt) faultPoint('backup.after-hunt');
   try {
     return { ...(await runRegularTask(input, sessionId)), recovered };
   } catch (error) {
     // The commit itself may have failed (QMP connection lost): with our connection closed, retry it the
     // way the hunter would, so the guest is not left on the overlay.
-    const ours = input.catalog.listVmSnapshotLedger(input.host.name).filter((entry) => entry.sessionId === sessionId);
-    if (ours.length > 0) await huntVmSnapshots(input.catalog, { vmName: input.host.name, includeEntries: ours.map((entry) => entry.id) }).catch(() => undefined);
+    const ours = input.catalog.listVmSnapshotLedger(input.vm.name).filter((entry) => entry.sessionId === sessionId);
+    if (ours.length > 0) await huntVmSnapshots(input.catalog, { vmName: input.vm.name, includeEntries: ours.map((entry) => entry.id) }).catch(() => undefined);
     throw error;
   }
 }
 
 async function runRegularTask(input: BackupTaskInput, sessionId: string): Promise<Omit<BackupTaskResult, 'recovered'>> {
   const started = performance.now();
-  const { host: hostRecord, catalog, repository } = input;
+  const { vm: target, catalog, repository } = input;
   const tag = sessionId.slice(0, 8);
 
-  await using host = await QemuHost.connect(hostRecord);
-  const disks = await host.listDisks();
-  catalog.recordDisks(hostRecord.name, disks.map((disk) => ({ ...disk })));
+  await using vm = await openVm(target);
+  const disks = await vm.listDisks();
+  catalog.recordDisks(target.name, disks.map((disk) => ({ ...disk })));
+  const configuration = await vm.captureConfiguration();
   const totalBytes = disks.reduce((total, disk) => total + disk.virtualSizeBytes, 0);
   const report = (phase: TaskProgress['phase'], processedBytes: number) =>
-    input.onProgress?.({ vmName: hostRecord.name, phase, processedBytes, totalBytes });
+    input.onProgress?.({ vmName: target.name, phase, processedBytes, totalBytes });
 
-  await using quiescePlan = await planQuiesce(hostRecord, input.quiesce ?? false);
-  const nbdSocketPath = join(input.runDir, `nbd-${socketSafe(hostRecord.name)}.sock`);
-  const cbt = await planChangedBlocks({
-    qmp: host.qmp,
-    vmName: hostRecord.name,
-    disks,
-    repository,
-    tag,
-    full: input.full,
-    exportWithBitmap: (disk, index, bitmap) => host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-bitmap-${index}`, socketPath: nbdSocketPath, bitmaps: [bitmap] }),
-  });
-  const writer = await repository.startBackup({ vmName: hostRecord.name, baseRestorePointId: cbt.baseRestorePointId });
+  await using quiescePlan = await vm.prepareQuiesce(input.quiesce ?? false);
+  const cbt = await vm.planChangedBlocks(disks, await cbtInputOf(repository, target.name, { tag, full: input.full, runDir: input.runDir }));
+  const writer = await repository.startBackup({ vmName: target.name, baseRestorePointId: cbt.baseRestorePointId });
   faultPoint('backup.after-writer-start');
   let committed = false;
   try {
@@ -100,23 +90,19 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
     const copies: VmDiskCopy[] = [];
     let vmSnapshotStats: VmSnapshotStats;
     {
-      await using vmSnapshot = await host.snapshot(disks, {
+      await using vmSnapshot = await vm.snapshot(disks, {
         tag,
         quiesce: quiescePlan.quiesce,
         overlayFolder: input.overlayFolder,
-        dirtyBitmaps: cbt.rotations,
-        ledger: {
-          recordIntent: (overlays) =>
-            catalog.recordVmSnapshotIntent({ vmName: hostRecord.name, qmpSocketPath: hostRecord.qmpSocketPath, ownerPid: process.pid, sessionId, overlays: [...overlays] }),
-          clear: (id) => catalog.clearLedgerEntry(id),
-        },
+        cbt,
+        ledger: vmSnapshotLedger(catalog, target, sessionId),
       });
       await input.hooks?.afterVmSnapshots?.();
       copies.push(
         ...(await copyVmDisks(
           writer,
           disks,
-          (disk, index) => host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-${index}`, socketPath: nbdSocketPath }),
+          (disk, index) => vm.exportFrozenDisk(disk, index, { tag, runDir: input.runDir }),
           {
             chunkSizeBytes: repository.chunkSizeBytes,
             readAhead: input.readAhead,
@@ -141,11 +127,12 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
       disks: disks.map((disk) => ({ name: disk.name, format: disk.format, imagePath: disk.imagePath, virtualSizeBytes: disk.virtualSizeBytes })),
       stats,
       cbt: cbt.record,
+      vmConfiguration: configuration,
     });
     committed = true;
     const warnings = await cbt.finish(true);
     faultPoint('cbt.after-finish');
-    catalog.addRestorePoint({ id: restorePoint.id, vmName: hostRecord.name, repositoryPath: repository.path, createdAt: restorePoint.createdAt, mode: 'regular', stats: { ...stats, failoverReason: input.failoverReason } });
+    catalog.addRestorePoint({ id: restorePoint.id, vmName: target.name, repositoryPath: repository.path, createdAt: restorePoint.createdAt, mode: 'regular', stats: { ...stats, failoverReason: input.failoverReason } });
     faultPoint('backup.after-catalog-record');
     return { restorePoint, stats, ...(warnings.length > 0 ? { warnings } : {}) };
   } finally {
@@ -154,4 +141,21 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
       input.undoWarnings?.push(...(await cbt.finish(false)));
     }
   }
+}
+
+/** The ledger as a VM snapshot of `vm` writes it: the intent before the hypervisor is asked, cleared after the commit. */
+export function vmSnapshotLedger(catalog: Catalog, vm: VmTarget, sessionId: string): SnapshotLedger {
+  return {
+    recordIntent: (overlays, adapter) =>
+      catalog.recordVmSnapshotIntent({
+        vmName: vm.name,
+        hostName: vm.host.name,
+        qmpSocketPath: vm.host.kind === 'qemu' ? vm.host.qmpSocketPath : '',
+        ownerPid: process.pid,
+        sessionId,
+        overlays: [...overlays],
+        adapter: { kind: vm.host.kind, ...adapter },
+      }),
+    clear: (id) => catalog.clearLedgerEntry(id),
+  };
 }

@@ -1,25 +1,22 @@
-import { join } from 'node:path';
-import type { Catalog, HostRecord } from '../catalog/index.ts';
+import type { Catalog, VmTarget } from '../catalog/index.ts';
 import { CleanupStack } from '../core/cleanup-stack.ts';
 import { SnapshiftError, messageOf } from '../core/errors.ts';
 import { exportImageReadOnly } from '../datamover/image-exporter.ts';
-import type { VmDisk, VmSnapshot, VmSnapshotStats } from '../hypervisor/hypervisor.ts';
-import { QemuHost } from '../hypervisor/qemu/qemu-host.ts';
+import type { HypervisorVm, QuiescePlan, VmCbtPlan, VmConfiguration, VmDisk, VmSnapshot, VmSnapshotStats } from '../hypervisor/hypervisor.ts';
+import { openVm } from '../hypervisor/registry.ts';
 import type { BackupWriter, Repository } from '../repository/index.ts';
 import { locateImage, storageSystems, type LocatedImage } from '../storage/registry.ts';
-import type { StorageSnapshot, StorageSystem, Volume } from '../storage/storage-system.ts';
-import { CephRbdStorage } from '../storage/ceph-rbd/ceph-rbd-storage.ts';
-import { planRbdChangedBlocks, type VmRbdCbtPlan } from '../storage/ceph-rbd/rbd-diff-cbt.ts';
-import { planChangedBlocks, type VmCbtPlan } from './changed-block-tracking.ts';
-import type { BackupTaskResult } from './regular-mode.ts';
+import { hasSnapshotDiffing, type StorageSnapshot, type StorageSystem, type Volume } from '../storage/storage-system.ts';
+import { planSnapshotDiffChangedBlocks, type VmSnapshotDiffPlan } from './snapshot-diff-cbt.ts';
+import { cbtInputOf } from './cbt-chain-key.ts';
+import { vmSnapshotLedger, type BackupTaskResult } from './regular-mode.ts';
 import { summarizeTask } from './task-stats.ts';
-import { copyVmDisks, socketSafe, type VmDiskCopy } from './vm-copy.ts';
-import { planQuiesce, type QuiescePlan } from './quiesce.ts';
+import { copyVmDisks, type VmDiskCopy } from './vm-copy.ts';
 import type { TaskTuning } from './task-options.ts';
 import { faultPoint } from '../core/fault-points.ts';
 
 export interface StorageGroupInput extends TaskTuning {
-  hosts: readonly HostRecord[];
+  vms: readonly VmTarget[];
   repository: Repository;
   catalog: Catalog;
   runDir: string;
@@ -43,15 +40,16 @@ export interface GroupTaskOutcome {
 
 /** One VM of the group, as it moves through the steps. */
 interface GroupMember {
-  record: HostRecord;
-  host: QemuHost;
+  record: VmTarget;
+  vm: HypervisorVm;
   disks: VmDisk[];
+  configuration: VmConfiguration;
   located: LocatedImage[];
   writer: BackupWriter;
   quiescePlan: QuiescePlan;
   cbt: VmCbtPlan;
   /** rbd diff for RBD disks: preferred over the bitmap where both apply (docs/CBT.md). */
-  rbdCbt: VmRbdCbtPlan;
+  rbdCbt: VmSnapshotDiffPlan;
   vmSnapshot?: VmSnapshot;
   vmSnapshotStats?: VmSnapshotStats;
   error?: Error;
@@ -100,30 +98,20 @@ async function backupGroup(input: StorageGroupInput, cleanup: CleanupStack, outc
   const systems = input.systems ?? storageSystems();
   const members: GroupMember[] = [];
 
-  for (const record of input.hosts) {
+  for (const record of input.vms) {
     try {
-      const host = cleanup.use(`QMP connection to ${record.name}`, await QemuHost.connect(record));
-      const disks = await host.listDisks();
+      const vm = cleanup.use(`connection to VM ${record.name}`, await openVm(record));
+      const disks = await vm.listDisks();
       input.catalog.recordDisks(record.name, disks.map((disk) => ({ ...disk })));
+      const configuration = await vm.captureConfiguration();
       const located: LocatedImage[] = [];
       for (const disk of disks) {
         const where = await locateImage(disk.imagePath, systems);
         if (!where) throw new StorageUnsupported(`disk ${disk.name} (${disk.imagePath}) is on no storage system snapshift can snapshot`);
         located.push(where);
       }
-      // The bitmap lives in the VM, so its block status comes from the VM's own export even when the data
-      // comes from the storage snapshot.
-      const cbt = await planChangedBlocks({
-        qmp: host.qmp,
-        vmName: record.name,
-        disks,
-        repository: input.repository,
-        tag,
-        full: input.full,
-        exportWithBitmap: (disk, index, bitmap) =>
-          host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-bitmap-${index}`, socketPath: join(input.runDir, `nbd-${socketSafe(record.name)}.sock`), bitmaps: [bitmap] }),
-      });
-      const rbdCbt = await planRbdChangedBlocks({
+      const cbt = await vm.planChangedBlocks(disks, await cbtInputOf(input.repository, record.name, { tag, full: input.full, runDir: input.runDir }));
+      const rbdCbt = await planSnapshotDiffChangedBlocks({
         vmName: record.name,
         disks,
         latest: (await input.repository.listRestorePoints(record.name)).find((point) => point.id === cbt.baseRestorePointId),
@@ -131,7 +119,7 @@ async function backupGroup(input: StorageGroupInput, cleanup: CleanupStack, outc
         full: input.full,
         systemFor: (disk) => {
           const system = located[disks.indexOf(disk)]?.system;
-          return system instanceof CephRbdStorage ? system : undefined;
+          return system && hasSnapshotDiffing(system) ? system : undefined;
         },
       });
       const writer = await input.repository.startBackup({ vmName: record.name, baseRestorePointId: cbt.baseRestorePointId });
@@ -144,8 +132,8 @@ async function backupGroup(input: StorageGroupInput, cleanup: CleanupStack, outc
           if (failed && warnings.length > 0) failed.warnings = [...(failed.warnings ?? []), ...warnings];
         }
       });
-      const quiescePlan = cleanup.use(`guest agent of ${record.name}`, await planQuiesce(record, input.quiesce ?? false));
-      members.push({ record, host, disks, located, writer, cbt, rbdCbt, quiescePlan });
+      const quiescePlan = cleanup.use(`guest agent of ${record.name}`, await vm.prepareQuiesce(input.quiesce ?? false));
+      members.push({ record, vm, disks, configuration, located, writer, cbt, rbdCbt, quiescePlan });
     } catch (error) {
       outcomes.push({ vmName: record.name, error: error as Error });
     }
@@ -155,16 +143,12 @@ async function backupGroup(input: StorageGroupInput, cleanup: CleanupStack, outc
   // 1. VM snapshots of the whole group.
   for (const member of members) {
     try {
-      member.vmSnapshot = await member.host.snapshot(member.disks, {
+      member.vmSnapshot = await member.vm.snapshot(member.disks, {
         tag,
         quiesce: member.quiescePlan.quiesce,
         overlayFolder: input.overlayFolder,
-        dirtyBitmaps: member.cbt.rotations,
-        ledger: {
-          recordIntent: (overlays) =>
-            input.catalog.recordVmSnapshotIntent({ vmName: member.record.name, qmpSocketPath: member.record.qmpSocketPath, ownerPid: process.pid, sessionId: input.sessionId, overlays: [...overlays] }),
-          clear: (id) => input.catalog.clearLedgerEntry(id),
-        },
+        cbt: member.cbt,
+        ledger: vmSnapshotLedger(input.catalog, member.record, input.sessionId),
       });
       cleanup.defer(`commit the VM snapshot of ${member.record.name}`, async () => {
         await member.vmSnapshot!.commit();
@@ -268,7 +252,7 @@ async function backupGroup(input: StorageGroupInput, cleanup: CleanupStack, outc
         copies = await copyVmDisks(
           member.writer,
           member.disks,
-          (disk, index) => member.host.exportReadOnly(disk.nodeName, { exportName: `snapshift-${tag}-${index}`, socketPath: join(input.runDir, `nbd-${socketSafe(member.record.name)}.sock`) }),
+          (disk, index) => member.vm.exportFrozenDisk(disk, index, { tag, runDir: input.runDir }),
           copyOptions,
         );
         faultPoint('copy.after-copy');
@@ -296,6 +280,7 @@ async function backupGroup(input: StorageGroupInput, cleanup: CleanupStack, outc
         disks: member.disks.map((disk) => ({ name: disk.name, format: disk.format, imagePath: disk.imagePath, virtualSizeBytes: disk.virtualSizeBytes })),
         stats,
         cbt: member.cbt.record,
+        vmConfiguration: member.configuration,
         ...(useStorage ? { rbdCbt: member.rbdCbt.record } : {}),
       });
       input.catalog.addRestorePoint({

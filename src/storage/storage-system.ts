@@ -42,5 +42,32 @@ export interface StorageSystem {
   removeSnapshot(info: StorageSnapshotInfo): Promise<void>;
 }
 
+/**
+ * A storage system that reports exactly which extents of an image changed between two of its snapshots, and
+ * can keep one session's snapshot beyond the session as the base of the next diff (Ceph RBD's `rbd diff`, as
+ * Benji does). Processing builds changed-block tracking on it (src/processing/snapshot-diff-cbt.ts).
+ */
+export interface SnapshotDiffing {
+  /** The image of this system that holds `imagePath` (`pool/image`), or undefined when it is not ours. */
+  diffImageOf(imagePath: string): string | undefined;
+  /** The name a retained base of session `sessionTag` carries. */
+  retainedNameFor(sessionTag: string): string;
+  isRetainedName(name: string): boolean;
+  /** Names of every snapshot of `image`, ours or not. */
+  snapshotNames(image: string): Promise<string[]>;
+  /** Removes a snapshot of ours by name (refuses any other). */
+  removeSnapshotNamed(image: string, name: string): Promise<void>;
+  /** The extents written between two snapshots of `image`, discarded ones included, sorted by offset. */
+  changedExtents(image: string, fromSnapshot: string, toSnapshot: string): Promise<Array<{ offset: number; length: number }>>;
+  /** The name of `imagePath`'s snapshot in `snapshot` (one this system took), or undefined. */
+  snapshotNameIn(snapshot: StorageSnapshot, imagePath: string): string | undefined;
+  /** Renames `imagePath`'s snapshot in `snapshot` to `name`: it then outlives the session. */
+  retainIn(snapshot: StorageSnapshot, imagePath: string, name: string): Promise<void>;
+}
+
+export function hasSnapshotDiffing(system: StorageSystem): system is StorageSystem & SnapshotDiffing {
+  return typeof (system as Partial<SnapshotDiffing>).changedExtents === 'function';
+}
+
 /** The prefix every storage snapshot we create carries, followed by the session tag. */
 export const snapshotPrefix = 'snapshift-';

@@ -57,7 +57,7 @@ describe('quiescing through the QEMU guest agent', () => {
   test('--quiesce without a guest agent: the backup runs crash-consistent and says so', async () => {
     catalog.addHost({ name: 'no-agent', kind: 'qemu', qmpSocketPath: daemon.qmpSocketPath, nbdSocketPath: daemon.nbdSocketPath });
     await using repository = await openRepository(join(workspace.dir, 'repo'), {});
-    const run = await runBackup({ hosts: [catalog.getHost('no-agent')!], mode: 'regular', repository, catalog, runDir: join(workspace.dir, 'home', 'run'), quiesce: true });
+    const run = await runBackup({ vms: [catalog.getVm('no-agent')!], mode: 'regular', repository, catalog, runDir: join(workspace.dir, 'home', 'run'), quiesce: true });
     assert.equal(run.outcomes[0]!.error, undefined);
     assert.match(run.outcomes[0]!.result!.stats.quiesce ?? '', /^not quiesced: the VM has no guest agent configured/);
   });
@@ -65,7 +65,7 @@ describe('quiescing through the QEMU guest agent', () => {
   test('a guest agent that refuses to freeze: the backup fails with the reason, the VM untouched', async () => {
     catalog.addHost({ name: 'frozen-refused', kind: 'qemu', qmpSocketPath: daemon.qmpSocketPath, nbdSocketPath: daemon.nbdSocketPath, qgaSocketPath: agentSocket() });
     await using repository = await openRepository(join(workspace.dir, 'repo'), {});
-    const run = await runBackup({ hosts: [catalog.getHost('frozen-refused')!], mode: 'regular', repository, catalog, runDir: join(workspace.dir, 'home', 'run'), quiesce: true });
+    const run = await runBackup({ vms: [catalog.getVm('frozen-refused')!], mode: 'regular', repository, catalog, runDir: join(workspace.dir, 'home', 'run'), quiesce: true });
     assert.match(run.outcomes[0]!.error?.message ?? '', /guest-fsfreeze-freeze failed/);
     assert.deepEqual(await snapshiftNodesOf(daemon), []);
     assert.deepEqual(readdirSync(workspace.dir).filter((name) => /-\d{5}\.qcow2$/.test(name)), []);

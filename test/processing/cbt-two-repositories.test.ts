@@ -9,7 +9,7 @@ import { listDirtyBitmaps } from '../../src/hypervisor/qemu/dirty-bitmaps.ts';
 import { QmpClient } from '../../src/hypervisor/qemu/qmp-client.ts';
 import type { StorageDaemon } from '../../src/lab/storage-daemon.ts';
 import { runBackup, type VmOutcome } from '../../src/processing/backup-run.ts';
-import { cbtRecordOf } from '../../src/processing/changed-block-tracking.ts';
+import { cbtRecordOf } from '../../src/hypervisor/qemu/qemu-cbt.ts';
 import { initRepository, openRepository, type Repository } from '../../src/repository/index.ts';
 import type { RestorePointSummary } from '../../src/repository/manifest.ts';
 import { restoreDisk } from '../../src/restore/disk-restore.ts';
@@ -74,7 +74,7 @@ describe('changed-block tracking with two repositories for one VM (local + offsi
     let reference = '';
     let expectedChangedBytes = 0;
     const run = await runBackup({
-      hosts: [bed.catalog.getHost(vmName)!],
+      vms: [bed.catalog.getVm(vmName)!],
       mode: 'regular',
       repository,
       catalog: bed.catalog,

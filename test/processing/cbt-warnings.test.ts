@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { bitmapChainKeyOf, planChangedBlocks } from '../../src/processing/changed-block-tracking.ts';
+import { planQemuChangedBlocks } from '../../src/hypervisor/qemu/qemu-cbt.ts';
+import { bitmapChainKeyOf, cbtInputOf } from '../../src/processing/cbt-chain-key.ts';
 import { bitmapNameFor } from '../../src/hypervisor/qemu/dirty-bitmaps.ts';
 import type { VmDisk } from '../../src/hypervisor/hypervisor.ts';
 import type { QmpSession } from '../../src/hypervisor/qemu/qmp-session.ts';
@@ -45,7 +46,8 @@ test('dirty bitmaps that cannot be cleaned up come back as the task\'s warnings,
       const newBitmap = bitmapNameFor(chainKey, 'bbbbbbbb');
       let onNode = [previousBitmap];
       const qmp = refusingQmp(() => onNode);
-      const plan = await planChangedBlocks({ qmp, vmName: 'vm1', disks: [disk], repository, tag: 'bbbbbbbb', exportWithBitmap: () => Promise.reject(new Error('not used')) });
+      const input = await cbtInputOf(repository, 'vm1', { tag: 'bbbbbbbb', runDir: dir.path });
+      const plan = await planQemuChangedBlocks(qmp, 'vm1', [disk], { ...input, exportWithBitmap: () => Promise.reject(new Error('not used')) });
       assert.equal(plan.readPlans.get(disk.name)?.kind, 'changed', 'the previous bitmap is trusted');
       onNode = [previousBitmap, newBitmap]; // the VM snapshot's transaction rotated them
       const warnings = await plan.finish(succeeded);

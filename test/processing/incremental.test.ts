@@ -97,7 +97,7 @@ describe('incremental backups from QEMU dirty bitmaps, guest-less', () => {
     const reference = new Map<string, string>();
     let expectedChanged = new Map<string, number>();
     const run = await runBackup({
-      hosts: [catalog.getHost(vm.name)!],
+      vms: [catalog.getVm(vm.name)!],
       mode: 'regular',
       repository,
       catalog,
@@ -193,7 +193,7 @@ describe('incremental backups from QEMU dirty bitmaps, guest-less', () => {
     await write(vm, 'disk0', 5 * MiB, 128 * KiB);
     const controller = new AbortController();
     const run = await runBackup({
-      hosts: [catalog.getHost(vm.name)!],
+      vms: [catalog.getVm(vm.name)!],
       mode: 'regular',
       repository,
       catalog,

@@ -52,7 +52,7 @@ describe('a real TCG guest writing during the backup', () => {
       const writesBefore = (await vm.heartbeats()).at(-1)!.writes;
       const hookTime = new HookTime();
       const run = await runBackup({
-        hosts: [catalog.getHost('g1')!],
+        vms: [catalog.getVm('g1')!],
         mode,
         repository,
         catalog,
@@ -101,7 +101,7 @@ describe('a real TCG guest writing during the backup', () => {
     const referenceCopy = join(lab().datastore('btrfs').mountPoint, 'reference-cbt.qcow2');
     const backupOnce = async (full: boolean) => {
       const run = await runBackup({
-        hosts: [catalog.getHost('g1')!],
+        vms: [catalog.getVm('g1')!],
         mode: 'storage-snapshot',
         repository,
         catalog,

@@ -72,7 +72,7 @@ describe('regular processing: faults and bad input', () => {
     await guestWrite(daemon, 40 * MiB, afterKill); // the VM keeps running, writing into the overlay
 
     await using repository = await openRepository(repoPath(), { password });
-    const run = await runBackup({ hosts: [catalog.getHost('killed')!], mode: 'regular', repository, catalog, runDir: join(home(), 'run') });
+    const run = await runBackup({ vms: [catalog.getVm('killed')!], mode: 'regular', repository, catalog, runDir: join(home(), 'run') });
     assert.equal(run.outcomes[0]!.error, undefined, run.outcomes[0]!.error?.message);
     assert.ok(run.hunted.vmSnapshots.some((action) => action.action === 'committed-live' && action.overlayPath.endsWith('killed-00001.qcow2')));
     assert.deepEqual(readdirSync(dir).filter((name) => name.endsWith('.qcow2')), ['killed.qcow2']);
@@ -89,7 +89,7 @@ describe('regular processing: faults and bad input', () => {
     await using repository = await openRepository(repoPath(), { password });
     let reference = '';
     const run = await runBackup({
-      hosts: [catalog.getHost('qmp-gone')!],
+      vms: [catalog.getVm('qmp-gone')!],
       mode: 'regular',
       repository,
       catalog,
@@ -127,11 +127,11 @@ describe('regular processing: faults and bad input', () => {
     await initRepository(smallRepo, { password, encryption: true, compression: 'none' });
     const { daemon, dir } = await makeVm('full', 64 * MiB, 4 * MiB);
     await using repository = await openRepository(smallRepo, { password });
-    const first = await runBackup({ hosts: [catalog.getHost('full')!], mode: 'regular', repository, catalog, runDir: join(home(), 'run') });
+    const first = await runBackup({ vms: [catalog.getVm('full')!], mode: 'regular', repository, catalog, runDir: join(home(), 'run') });
     assert.equal(first.outcomes[0]!.error, undefined, first.outcomes[0]!.error?.message);
     for (let offset = 4 * MiB; offset < 48 * MiB; offset += 4 * MiB) await guestWrite(daemon, offset, randomBytes(4 * MiB));
 
-    const second = await runBackup({ hosts: [catalog.getHost('full')!], mode: 'regular', repository, catalog, runDir: join(home(), 'run') });
+    const second = await runBackup({ vms: [catalog.getVm('full')!], mode: 'regular', repository, catalog, runDir: join(home(), 'run') });
     const error = second.outcomes[0]!.error as (Error & { code?: string }) | undefined;
     assert.equal(error?.code, 'REPO_DISK_FULL');
     assert.match(error!.message, /no space left/);

@@ -73,7 +73,7 @@ describe('regular processing, guest-less (qemu-storage-daemon)', () => {
     const reference = new Map<string, string>();
     const writtenDuringBackup = randomBytes(MiB);
     const run = await runBackup({
-      hosts: [catalog.getHost('vm1')!],
+      vms: [catalog.getVm('vm1')!],
       mode: 'regular',
       repository,
       catalog,
@@ -126,9 +126,9 @@ describe('regular processing, guest-less (qemu-storage-daemon)', () => {
 
   test('a backup of unchanged data stores nothing new', async () => {
     // The first backup's point in time did not include the guest's writes during it: this one picks them up.
-    const catchUp = await runBackup({ hosts: [catalog.getHost('vm1')!], mode: 'regular', repository, catalog, runDir: join(workspace.dir, 'run') });
+    const catchUp = await runBackup({ vms: [catalog.getVm('vm1')!], mode: 'regular', repository, catalog, runDir: join(workspace.dir, 'run') });
     assert.ok(catchUp.outcomes[0]!.result!.stats.transferredBytes >= MiB, 'the 1 MiB the guest wrote during the first backup is new');
-    const run = await runBackup({ hosts: [catalog.getHost('vm1')!], mode: 'regular', repository, catalog, runDir: join(workspace.dir, 'run') });
+    const run = await runBackup({ vms: [catalog.getVm('vm1')!], mode: 'regular', repository, catalog, runDir: join(workspace.dir, 'run') });
     const stats = run.outcomes[0]!.result!.stats;
     assert.ok(stats.transferredBytes < 64 * 1024, `transferred ${stats.transferredBytes} bytes for unchanged disks`);
     assert.equal(catalog.listRestorePoints('vm1').length, 3);

@@ -51,7 +51,7 @@ describe('backup from storage snapshots (btrfs, XFS), guest-less', () => {
 
 
   async function backup(vmNames: string[], extra: Partial<Parameters<typeof runBackup>[0]> = {}): Promise<BackupRunResult> {
-    return runBackup({ hosts: vmNames.map((name) => catalog.getHost(name)!), mode: 'storage-snapshot', repository, catalog, runDir: join(workspace.dir, 'run'), ...extra });
+    return runBackup({ vms: vmNames.map((name) => catalog.getVm(name)!), mode: 'storage-snapshot', repository, catalog, runDir: join(workspace.dir, 'run'), ...extra });
   }
 
   async function restoredMd5(restorePointId: string, disk = 'disk0'): Promise<string> {

@@ -97,7 +97,7 @@ describe('undo paths', () => {
     }
     assert.ok(!existsSync(imagePath.replace(/\.qcow2$/, '-00001.qcow2')));
     assert.deepEqual(await guestRead(daemon, 5 * MiB, MiB), written, 'the write made on the overlay was committed');
-    const run = await runBackup({ hosts: [bed.catalog.getHost('ready-job')!], mode: 'regular', repository: bed.repository, catalog: bed.catalog, runDir: join(bed.workspace.dir, 'run') });
+    const run = await runBackup({ vms: [bed.catalog.getVm('ready-job')!], mode: 'regular', repository: bed.repository, catalog: bed.catalog, runDir: join(bed.workspace.dir, 'run') });
     assert.equal(run.outcomes[0]!.error, undefined, 'the next backup works');
   });
 
@@ -127,7 +127,7 @@ describe('undo paths', () => {
         };
       },
     };
-    const run = await runBackup({ hosts: [bed.catalog.getHost('undo-fails')!], mode: 'storage-snapshot', repository: bed.repository, catalog: bed.catalog, runDir: join(bed.workspace.dir, 'run'), systems: [failingRemoval] });
+    const run = await runBackup({ vms: [bed.catalog.getVm('undo-fails')!], mode: 'storage-snapshot', repository: bed.repository, catalog: bed.catalog, runDir: join(bed.workspace.dir, 'run'), systems: [failingRemoval] });
     const outcome = run.outcomes[0]!;
     assert.equal(outcome.error, undefined, 'the VM did not fail');
     assert.equal(outcome.result?.stats.mode, 'storage-snapshot');
@@ -146,6 +146,7 @@ describe('undo paths', () => {
     writeFileSync(overlayPath, 'not a qcow2 image');
     bed.catalog.recordVmSnapshotIntent({
       vmName: 'ghost',
+      hostName: null,
       qmpSocketPath: join(bed.workspace.dir, 'no-such-qmp.sock'),
       ownerPid: dead.pid!,
       sessionId: randomUUID(),

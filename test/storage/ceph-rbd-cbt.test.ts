@@ -60,7 +60,7 @@ describe('incremental backups of Ceph RBD disks from rbd diff', () => {
   /** A storage-snapshot backup; the reference is an RBD snapshot taken while the VM snapshot holds the image still. */
   async function backup(reference: string) {
     const run = await runBackup({
-      hosts: [catalog.getHost(vmName)!],
+      vms: [catalog.getVm(vmName)!],
       mode: 'storage-snapshot',
       repository,
       catalog,

@@ -92,7 +92,7 @@ describe('backup from Ceph RBD snapshots, guest-less', () => {
     const writtenAfter = randomBytes(MiB);
     const hookTime = new HookTime();
     const run = await runBackup({
-      hosts: [catalog.getHost('rbd-vm')!],
+      vms: [catalog.getVm('rbd-vm')!],
       mode: 'storage-snapshot',
       repository,
       catalog,

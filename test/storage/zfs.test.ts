@@ -100,7 +100,7 @@ describe('backup from ZFS storage snapshots (zfs-fuse), guest-less', () => {
     const hookTime = new HookTime();
     const writtenAfter = randomBytes(MiB);
     const run = await runBackup({
-      hosts: [catalog.getHost('zfs-vm')!],
+      vms: [catalog.getVm('zfs-vm')!],
       mode: 'storage-snapshot',
       repository,
       catalog,
@@ -145,7 +145,7 @@ describe('backup from ZFS storage snapshots (zfs-fuse), guest-less', () => {
     assert.deepEqual(catalog.listStorageSnapshotLedger(), []);
 
     // Without the test's md5 inside the window, the VM snapshot lives only as long as snapshot + clone take.
-    const plain = await runBackup({ hosts: [catalog.getHost('zfs-vm')!], mode: 'storage-snapshot', repository, catalog, runDir: join(workspace.dir, 'run') });
+    const plain = await runBackup({ vms: [catalog.getVm('zfs-vm')!], mode: 'storage-snapshot', repository, catalog, runDir: join(workspace.dir, 'run') });
     const plainStats = plain.outcomes[0]!.result!.stats;
     t.diagnostic(`without hooks: VM-snapshot lifetime ${plainStats.vmSnapshotLifetimeMs.toFixed(0)} ms`);
     assert.ok(plainStats.vmSnapshotLifetimeMs < VM_SNAPSHOT_BAR_MS, `VM snapshot lived ${plainStats.vmSnapshotLifetimeMs} ms`);

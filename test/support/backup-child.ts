@@ -16,7 +16,7 @@ const pause = async () => {
   await new Promise(() => undefined); // until SIGKILL
 };
 await runBackup({
-  hosts: vmNames.map((name) => catalog.getHost(name)!),
+  vms: vmNames.map((name) => catalog.getVm(name)!),
   mode: mode as ProcessingMode,
   repository,
   catalog,

@@ -1,18 +1,12 @@
 import { stat, rm } from 'node:fs/promises';
 import { SnapshiftError } from '../../core/errors.ts';
-import type { VmDisk, VmSnapshot, VmSnapshotOverlay, VmSnapshotStats } from '../hypervisor.ts';
+import type { SnapshotLedger, VmDisk, VmSnapshot, VmSnapshotOverlay, VmSnapshotStats } from '../hypervisor.ts';
 import { nextOverlayPath } from './overlay-path.ts';
 import { commitOverlay } from './block-commit.ts';
 import { blockNodeNames } from './block-graph.ts';
 import { faultPoint, faultPointAfterIo } from '../../core/fault-points.ts';
 import { bitmapRotationActions, type BitmapRotation } from './dirty-bitmaps.ts';
 import type { QmpSession } from './qmp-session.ts';
-
-/** Where the intent to snapshot is recorded before QEMU is asked, and cleared after the commit. */
-export interface SnapshotLedger {
-  recordIntent(overlays: readonly VmSnapshotOverlay[]): number;
-  clear(entryId: number): void;
-}
 
 export interface TakeVmSnapshotOptions {
   /** Tag in overlay node names so a crash's leftovers are recognisable: `snapshift-<tag>-<n>`. */

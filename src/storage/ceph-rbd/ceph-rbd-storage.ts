@@ -1,7 +1,7 @@
 import { SnapshiftError, type ErrorCode } from '../../core/errors.ts';
 import { exec } from '../../core/exec.ts';
 import { OwnedStorageSnapshot } from '../owned-snapshot.ts';
-import { snapshotPrefix, type StorageSnapshotInfo, type StorageSystem, type Volume } from '../storage-system.ts';
+import { snapshotPrefix, type SnapshotDiffing, type StorageSnapshot, type StorageSnapshotInfo, type StorageSystem, type Volume } from '../storage-system.ts';
 
 export interface CephRbdStorageOptions {
   /** ceph.conf of the cluster; default $SNAPSHIFT_CEPH_CONF, else /etc/ceph/ceph.conf. */
@@ -21,7 +21,7 @@ export interface RbdImage {
  * rbd driver. Each image is its own volume, so a VM with two RBD disks gets two RBD snapshots; the VM
  * snapshot held during both is what makes them one consistent instant.
  */
-export class CephRbdStorage implements StorageSystem {
+export class CephRbdStorage implements StorageSystem, SnapshotDiffing {
   readonly kind = 'ceph-rbd';
   readonly confPath: string;
 
@@ -47,6 +47,37 @@ export class CephRbdStorage implements StorageSystem {
       throw error;
     }
     return new RbdStorageSnapshot(this, created, sessionTag);
+  }
+
+  diffImageOf(imagePath: string): string | undefined {
+    const image = parseRbdImagePath(imagePath);
+    return image && imageSpec(image);
+  }
+
+  retainedNameFor(sessionTag: string): string {
+    return `${retainedPrefix}${sessionTag}`;
+  }
+
+  isRetainedName(name: string): boolean {
+    return isRetainedSnapshotName(name);
+  }
+
+  /** `rbd diff --from-snap`: exact, kept by Ceph itself; discarded extents are listed too (they read as zeros now). */
+  async changedExtents(image: string, fromSnapshot: string, toSnapshot: string): Promise<Array<{ offset: number; length: number }>> {
+    const { stdout } = await exec('rbd', ['-c', this.confPath, 'diff', '--from-snap', fromSnapshot, `${image}@${toSnapshot}`, '--format', 'json'], {
+      code: 'RBD_DIFF_FAILED',
+      timeoutMs: 600_000,
+    });
+    const extents = JSON.parse(stdout) as Array<{ offset: number; length: number }>;
+    return extents.map(({ offset, length }) => ({ offset, length })).sort((a, b) => a.offset - b.offset);
+  }
+
+  snapshotNameIn(snapshot: StorageSnapshot, imagePath: string): string | undefined {
+    return snapshot instanceof RbdStorageSnapshot ? snapshot.snapshotNameOf(imagePath) : undefined;
+  }
+
+  async retainIn(snapshot: StorageSnapshot, imagePath: string, name: string): Promise<void> {
+    if (snapshot instanceof RbdStorageSnapshot) await snapshot.retain(imagePath, name);
   }
 
   /** Names of every snapshot of `image` (`pool/image`), ours or not. */

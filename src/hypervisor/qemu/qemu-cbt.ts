@@ -1,19 +1,10 @@
-import { createHash } from 'node:crypto';
-import { messageOf } from '../core/errors.ts';
-import { perDiskRecordOf, type ChangedBlockSource, type DiskReadPlan } from '../datamover/changed-blocks.ts';
-import type { Region } from '../datamover/extent-map.ts';
-import { NbdDiskSource } from '../datamover/nbd-disk-source.ts';
-import type { DiskExport, VmDisk } from '../hypervisor/hypervisor.ts';
-import {
-  bitmapNameFor,
-  bitmapOwnerOf,
-  listDirtyBitmaps,
-  removeDirtyBitmap,
-  revertBitmapRotation,
-  type BitmapRotation,
-} from '../hypervisor/qemu/dirty-bitmaps.ts';
-import type { QmpSession } from '../hypervisor/qemu/qmp-session.ts';
-import type { Repository, RestorePointSummary } from '../repository/index.ts';
+import { messageOf } from '../../core/errors.ts';
+import { perDiskRecordOf, type ChangedBlockSource, type DiskReadPlan } from '../../datamover/changed-blocks.ts';
+import type { Region } from '../../datamover/extent-map.ts';
+import { NbdDiskSource } from '../../datamover/nbd-disk-source.ts';
+import type { CbtPlanInput, DiskExport, VmCbtPlan, VmDisk } from '../hypervisor.ts';
+import { bitmapNameFor, bitmapOwnerOf, listDirtyBitmaps, removeDirtyBitmap, revertBitmapRotation, type BitmapRotation } from './dirty-bitmaps.ts';
+import type { QmpSession } from './qmp-session.ts';
 
 /** What a restore point records per disk so the next backup can trust (or distrust) its bitmap. */
 export interface CbtDiskRecord {
@@ -31,37 +22,14 @@ export interface CbtRecord {
 /** Exports a node of the live VM read-only with `bitmap` attached, to read its block status. */
 export type BitmapExporter = (disk: VmDisk, index: number, bitmap: string) => Promise<DiskExport>;
 
-/**
- * Changed-block tracking for one VM task with QEMU dirty bitmaps (docs/CBT.md): decides per disk whether
- * the previous restore point's bitmap can be trusted, says which bitmap changes go into the VM snapshot's
- * transaction, and afterwards drops (success) or folds back (failure) the frozen bitmap.
- */
-export interface VmCbtPlan {
-  /** The VM's latest restore point in the repository: unchanged chunks are inherited from it. */
-  readonly baseRestorePointId: string | undefined;
-  /** Bitmap changes for the VM snapshot's transaction. */
+/** A QEMU CBT plan: besides what every plan says, the bitmap changes for the VM snapshot's transaction. */
+export interface QemuCbtPlan extends VmCbtPlan {
+  readonly kind: 'qemu-bitmaps';
   readonly rotations: readonly BitmapRotation[];
-  /** How each disk (by name) is read. */
-  readonly readPlans: ReadonlyMap<string, DiskReadPlan>;
-  /** What the restore point of this task records, for the next backup. */
-  readonly record: CbtRecord;
-  /**
-   * After the restore point is written (true) or not (false): never loses a write between restore points.
-   * Never throws: what it could not clean up comes back as warnings for the task's record.
-   */
-  finish(succeeded: boolean): Promise<string[]>;
 }
 
-export interface PlanCbtInput {
-  qmp: QmpSession;
-  vmName: string;
-  disks: readonly VmDisk[];
-  repository: Repository;
-  /** Session tag: the new bitmaps are `snapshift-<repository's chain key>-<tag>`. */
-  tag: string;
-  /** Read every disk in full even where the bitmap is good (`backup --full`); new bitmaps still start. */
-  full?: boolean;
-  exportWithBitmap: BitmapExporter;
+export function isQemuCbtPlan(plan: VmCbtPlan | undefined): plan is QemuCbtPlan {
+  return (plan as QemuCbtPlan | undefined)?.kind === 'qemu-bitmaps';
 }
 
 /**
@@ -70,10 +38,10 @@ export interface PlanCbtInput {
  * latest restore point cannot use (left by interrupted tasks, inconsistent, stopped), and bitmaps named by
  * earlier versions that it does not adopt, are removed here; other repositories' bitmaps are never touched.
  */
-export async function planChangedBlocks(input: PlanCbtInput): Promise<VmCbtPlan> {
-  const latest = (await input.repository.listRestorePoints(input.vmName)).at(-1);
+export async function planQemuChangedBlocks(qmp: QmpSession, vmName: string, disks: readonly VmDisk[], input: CbtPlanInput & { exportWithBitmap: BitmapExporter }): Promise<QemuCbtPlan> {
+  const latest = input.latest;
   const previous = latest ? cbtRecordOf(latest) : undefined;
-  const chainKey = bitmapChainKeyOf(input.repository);
+  const chainKey = input.chainKey;
   const newBitmap = bitmapNameFor(chainKey, input.tag);
   // Earlier versions named bitmaps without a repository: this repository adopts the one its latest restore
   // point names, and removes the others (docs/CBT.md, "Bitmaps named by earlier versions").
@@ -85,16 +53,16 @@ export async function planChangedBlocks(input: PlanCbtInput): Promise<VmCbtPlan>
   const readPlans = new Map<string, DiskReadPlan>();
   const record: CbtRecord = { disks: {} };
 
-  for (const [index, disk] of input.disks.entries()) {
+  for (const [index, disk] of disks.entries()) {
     const recorded = previous?.disks[disk.name];
     const recordedHere = recorded !== undefined && isOwnBitmap(recorded.bitmap);
-    const bitmaps = await listDirtyBitmaps(input.qmp, disk.nodeName);
+    const bitmaps = await listDirtyBitmaps(qmp, disk.nodeName);
     const existing = recordedHere ? bitmaps.find((bitmap) => bitmap.name === recorded.bitmap) : undefined;
     // The previous restore point's bitmap can be frozen (and later dropped or restored) if it is sound.
     const freezable = existing !== undefined && !existing.inconsistent && existing.recording && !existing.busy;
     for (const bitmap of bitmaps) {
       // A busy bitmap is in use (exported by a live task): QEMU refuses to remove it, and a later backup will.
-      if (isOwnBitmap(bitmap.name) && !bitmap.busy && !(freezable && bitmap.name === existing.name)) await removeDirtyBitmap(input.qmp, disk.nodeName, bitmap.name);
+      if (isOwnBitmap(bitmap.name) && !bitmap.busy && !(freezable && bitmap.name === existing.name)) await removeDirtyBitmap(qmp, disk.nodeName, bitmap.name);
     }
 
     let fallbackReason: string | undefined;
@@ -118,6 +86,7 @@ export async function planChangedBlocks(input: PlanCbtInput): Promise<VmCbtPlan>
 
   let finished = false;
   return {
+    kind: 'qemu-bitmaps',
     baseRestorePointId: latest?.id,
     rotations,
     readPlans,
@@ -129,12 +98,12 @@ export async function planChangedBlocks(input: PlanCbtInput): Promise<VmCbtPlan>
       for (const rotation of rotations) {
         try {
           // Only what the transaction really did is undone or dropped: it may never have run.
-          const names = new Set((await listDirtyBitmaps(input.qmp, rotation.nodeName)).map((bitmap) => bitmap.name));
+          const names = new Set((await listDirtyBitmaps(qmp, rotation.nodeName)).map((bitmap) => bitmap.name));
           if (!names.has(rotation.start.name)) continue;
           if (succeeded) {
-            if (rotation.freeze && names.has(rotation.freeze)) await removeDirtyBitmap(input.qmp, rotation.nodeName, rotation.freeze);
+            if (rotation.freeze && names.has(rotation.freeze)) await removeDirtyBitmap(qmp, rotation.nodeName, rotation.freeze);
           } else {
-            await revertBitmapRotation(input.qmp, { ...rotation, freeze: rotation.freeze && names.has(rotation.freeze) ? rotation.freeze : undefined });
+            await revertBitmapRotation(qmp, { ...rotation, freeze: rotation.freeze && names.has(rotation.freeze) ? rotation.freeze : undefined });
           }
         } catch (error) {
           failures.push(error);
@@ -142,23 +111,13 @@ export async function planChangedBlocks(input: PlanCbtInput): Promise<VmCbtPlan>
       }
       // Not fatal to the restore point: a bitmap left behind is found and removed by the next backup, whose
       // checks then choose a full read for that disk.
-      return failures.length > 0 ? [`dirty bitmaps of ${input.vmName} not cleaned up: ${messageOf(failures[0])}`] : [];
+      return failures.length > 0 ? [`dirty bitmaps of ${vmName} not cleaned up: ${messageOf(failures[0])}`] : [];
     },
   };
 }
 
-/**
- * The chain key in the names of `repository`'s bitmaps: the first 16 hex digits of its config id (128 random
- * bits, docs/FORMAT.md § config), so each repository's chain has its own bitmap on every disk.
- */
-export function bitmapChainKeyOf(repository: Repository): string {
-  const id = repository.config.id.toLowerCase();
-  // snapshift writes 32 hex digits; a config id of another shape (edited by hand) still gets a stable key.
-  return /^[0-9a-f]{16}/.test(id) ? id.slice(0, 16) : createHash('sha256').update(id).digest('hex').slice(0, 16);
-}
-
 /** The CBT record of a restore point, if it has a well-formed one. */
-export function cbtRecordOf(restorePoint: RestorePointSummary): CbtRecord | undefined {
+export function cbtRecordOf(restorePoint: { extra: Record<string, unknown> }): CbtRecord | undefined {
   return perDiskRecordOf(restorePoint.extra, 'cbt', ({ bitmap, virtualSizeBytes, imagePath }) =>
     typeof bitmap === 'string' && typeof virtualSizeBytes === 'number' && typeof imagePath === 'string' ? { bitmap, virtualSizeBytes, imagePath } : undefined,
   );

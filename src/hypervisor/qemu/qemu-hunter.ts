@@ -1,0 +1,100 @@
+import { existsSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
+import type { VmSnapshotLedgerEntry } from '../../catalog/catalog.ts';
+import { exec } from '../../core/exec.ts';
+import { messageOf } from '../../core/errors.ts';
+import { faultPoint } from '../../core/fault-points.ts';
+import type { HuntAction, HuntOptions } from '../hypervisor.ts';
+import { commitOverlay } from './block-commit.ts';
+import { backingChildOf, blockNodeNames, queryNamedBlockNodes } from './block-graph.ts';
+import { removeLeftoverExports } from './qemu-nbd-export.ts';
+import type { QmpClient } from './qmp-client.ts';
+import { connectQmp } from './qmp-connect.ts';
+
+/**
+ * Undoes the VM snapshot of one ledger row whose task is gone: an overlay still active in a running QEMU is
+ * committed live; one whose QEMU is gone is committed offline with qemu-img (which refuses if anyone still
+ * holds the image); a file no chain uses is deleted. Exports of sessions no longer running go too.
+ */
+export async function repairQemuLedgerEntry(entry: VmSnapshotLedgerEntry, options: HuntOptions): Promise<HuntAction[]> {
+  const actions: HuntAction[] = [];
+  let qmp: QmpClient | undefined;
+  try {
+    qmp = await connectQmp(entry.vmName, entry.qmpSocketPath, 5_000);
+  } catch {
+    qmp = undefined; // QEMU is gone (or not answering): only offline repair is possible
+  }
+  try {
+    if (qmp && !options.dryRun) await removeLeftoverExports(qmp, options.isLiveTag);
+    const liveNodes = qmp ? await blockNodeNames(qmp) : undefined;
+    for (const overlay of entry.overlays) {
+      const base = { vmName: entry.vmName, overlayPath: overlay.overlayPath };
+      if (liveNodes?.has(overlay.overlayNodeName)) {
+        if (!options.dryRun) {
+          faultPoint('hunt.before-commit');
+          await commitOverlay(qmp!, overlay);
+        }
+        actions.push({ ...base, action: 'committed-live', detail: `block-commit of ${overlay.overlayNodeName} into ${overlay.baseNodeName}` });
+      } else if (!existsSync(overlay.overlayPath)) {
+        actions.push({ ...base, action: 'already-gone', detail: 'no overlay file and no node: nothing to do' });
+      } else if (liveNodes) {
+        // QEMU runs but does not use the file: the snapshot never became active (or was committed already).
+        if (!options.dryRun) await rm(overlay.overlayPath, { force: true });
+        actions.push({ ...base, action: 'removed-unused-file', detail: 'QEMU does not use it' });
+      } else {
+        try {
+          // The overlay may hold guest writes made after the snapshot: merge them, never just delete.
+          if (!options.dryRun) {
+            await exec('qemu-img', ['commit', '-q', '-f', 'qcow2', overlay.overlayPath]);
+            await rm(overlay.overlayPath, { force: true });
+          }
+          actions.push({ ...base, action: 'committed-offline', detail: 'QEMU is not running: qemu-img commit into the base image' });
+        } catch (error) {
+          actions.push({ ...base, action: 'left-in-place', detail: `cannot reach QEMU and cannot commit offline: ${messageOf(error)}` });
+        }
+      }
+    }
+  } finally {
+    await qmp?.close();
+  }
+  return actions;
+}
+
+/**
+ * A QEMU host's side of the hunt: exports and overlay nodes named by us (`snapshift-<tag>-…`) of sessions that
+ * no longer run (e.g. their ledger row was lost) are removed or committed. A host that does not answer quickly
+ * (busy with another client) is skipped, never waited for.
+ */
+export async function huntQemuHost(vmName: string, qmpSocketPath: string, options: HuntOptions): Promise<HuntAction[]> {
+  let qmp: QmpClient;
+  try {
+    qmp = await connectQmp(vmName, qmpSocketPath, 3_000);
+  } catch {
+    return [];
+  }
+  const actions: HuntAction[] = [];
+  try {
+    // Exports a killed task left (e.g. a changed-block export opened before any snapshot was taken).
+    const exports = options.dryRun ? [] : await removeLeftoverExports(qmp, options.isLiveTag).catch(() => []);
+    for (const id of exports) actions.push({ vmName, overlayPath: '', action: 'removed-export', detail: `NBD export ${id} of a session that is no longer running` });
+    for (const node of await queryNamedBlockNodes(qmp).catch(() => [])) {
+      const tag = node['node-name'].match(/^snapshift-([0-9a-f]{8})-\d+$/)?.[1];
+      if (!tag || options.isLiveTag(tag)) continue;
+      const base = await backingChildOf(qmp, node['node-name']);
+      if (!base) continue;
+      const overlay = { baseNodeName: base, overlayNodeName: node['node-name'], overlayPath: node.file };
+      try {
+        if (!options.dryRun) {
+          faultPoint('hunt.before-commit');
+          await commitOverlay(qmp, overlay);
+        }
+        actions.push({ vmName, overlayPath: node.file, action: 'committed-live', detail: `overlay ${node['node-name']} of a session that is no longer running` });
+      } catch (error) {
+        actions.push({ vmName, overlayPath: node.file, action: 'left-in-place', detail: `could not commit: ${messageOf(error)}` });
+      }
+    }
+  } finally {
+    await qmp.close();
+  }
+  return actions;
+}
