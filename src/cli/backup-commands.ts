@@ -2,7 +2,7 @@ import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { ExitStatus, SnapshiftError } from '../core/errors.ts';
 import { checkVmName } from '../catalog/index.ts';
-import { runBackup, type BackupRunResult, type ProcessingMode } from '../processing/backup-run.ts';
+import { isProcessingMode, processingModes, runBackup, type BackupRunResult, type ProcessingMode } from '../processing/backup-run.ts';
 import type { TaskStats } from '../processing/task-stats.ts';
 import { huntOverlaysOnHosts, huntVmSnapshots } from '../processing/snapshot-hunter.ts';
 import { huntStorageSnapshots } from '../processing/storage-hunter.ts';
@@ -23,7 +23,7 @@ export function registerBackupCommands(program: Command): void {
         .command('backup')
         .description('back up VMs into a repository')
         .argument('<vm...>', 'VM names (see "snapshift host list")')
-        .option('--mode <mode>', 'storage-snapshot (falls back to regular mode, saying why, where no storage snapshot can be taken) or regular; jobs default to the same', jobDefaults.mode)
+        .option('--mode <mode>', 'storage-snapshot (falls back to regular mode, saying why, where no storage snapshot can be taken), regular, or fleecing (copy-before-write: no delta file, no commit); jobs default to the same', jobDefaults.mode)
         .option('--no-failover-to-regular', 'in storage-snapshot mode, fail instead of falling back to regular mode')
         .option('--vms-per-storage-snapshot <n>', 'at most this many VMs share one storage snapshot', numberOption('--vms-per-storage-snapshot'), jobDefaults.vmsPerStorageSnapshot)
         .option('--full', 'read every disk in full, even where changed-block tracking could limit the read')
@@ -43,7 +43,7 @@ export function registerBackupCommands(program: Command): void {
         options: RepositoryCliOptions & { mode: string; full?: boolean; quiesce?: boolean; failoverToRegular: boolean; vmsPerStorageSnapshot: number; maxReadRate?: number; overlayFolder?: string; json?: boolean; quiet?: boolean },
         command: Command,
       ) => {
-        if (options.mode !== 'regular' && options.mode !== 'storage-snapshot') throw new SnapshiftError('USAGE', `unknown mode "${options.mode}": use storage-snapshot or regular`);
+        if (!isProcessingMode(options.mode)) throw new SnapshiftError('USAGE', `unknown mode "${options.mode}": use ${processingModes.join(', ')}`);
         const mode: ProcessingMode = options.mode;
         const { vmsPerStorageSnapshot, maxReadRate } = options;
         for (const name of vmNames) checkVmName(name);
@@ -182,9 +182,17 @@ export function formatSummary(stats: TaskStats): string {
     ['compression ratio', formatRatio(stats.compressionRatio)],
     ['duration', formatDuration(stats.durationMs)],
     ['rate', `${stats.rateMBps.toFixed(1)} MB/s`],
-    ['VM-snapshot lifetime', formatDuration(stats.vmSnapshotLifetimeMs)],
-    ['delta at commit', formatBytes(stats.deltaBytesAtCommit)],
-    ['commit time', formatDuration(stats.commitMs)],
+    // Fleecing takes no VM snapshot: its own cost is how long the filter lived and what it copied aside.
+    ...(stats.fleecingLifetimeMs !== null && stats.fleecingLifetimeMs !== undefined
+      ? ([
+          ['fleecing lifetime', formatDuration(stats.fleecingLifetimeMs)],
+          ['scratch used', formatBytes(stats.scratchBytes ?? 0)],
+        ] as Array<[string, string]>)
+      : ([
+          ['VM-snapshot lifetime', formatDuration(stats.vmSnapshotLifetimeMs)],
+          ['delta at commit', formatBytes(stats.deltaBytesAtCommit)],
+          ['commit time', formatDuration(stats.commitMs)],
+        ] as Array<[string, string]>)),
     ...(stats.storageSnapshotLifetimeMs !== null ? [['storage-snapshot lifetime', formatDuration(stats.storageSnapshotLifetimeMs)] as [string, string]] : []),
     ['busy', `source ${stats.busyPercent.source}%, proxy ${stats.busyPercent.proxy}%, target ${stats.busyPercent.target}%`],
     ['bottleneck', stats.bottleneck],

@@ -129,6 +129,11 @@ export interface Fleece extends AsyncDisposable {
   exportDisk(disk: VmDisk, index: number): Promise<DiskExport>;
   /** Ends the fleecing (idempotent) and removes its scratch images. */
   release(): Promise<FleeceStats>;
+  /**
+   * Throws when the fleecing no longer holds the point in time (its scratch filled up or failed, so a guest
+   * write went through unsaved): what was read is then not one instant. Called after the copy, before release.
+   */
+  verifyIntact?(): Promise<void>;
 }
 
 export interface FleeceOptions {

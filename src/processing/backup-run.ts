@@ -13,7 +13,12 @@ import { messageOf } from '../core/errors.ts';
 import type { TaskTuning } from './task-options.ts';
 import { faultPoint } from '../core/fault-points.ts';
 
-export type ProcessingMode = 'regular' | 'storage-snapshot';
+export const processingModes = ['storage-snapshot', 'regular', 'fleecing'] as const;
+export type ProcessingMode = (typeof processingModes)[number];
+
+export function isProcessingMode(mode: unknown): mode is ProcessingMode {
+  return processingModes.includes(mode as ProcessingMode);
+}
 
 export interface BackupRunInput extends TaskTuning {
   /** The VMs to back up, each with the host that serves it (`catalog.getVm`). */
@@ -72,7 +77,8 @@ export async function runBackup(input: BackupRunInput): Promise<BackupRunResult>
     const undoWarnings: string[] = [];
     try {
       input.signal?.throwIfAborted();
-      const result = await backupVmRegular({ ...input, vm, sessionId, failoverReason, skipHunt: true, undoWarnings });
+      const pointInTime = input.mode === 'fleecing' ? 'fleecing' : 'vm-snapshot';
+      const result = await backupVmRegular({ ...input, vm, sessionId, pointInTime, failoverReason, skipHunt: true, undoWarnings });
       outcomes.push({ vmName: vm.name, result: { ...result, failoverReason } });
     } catch (error) {
       outcomes.push({ vmName: vm.name, error: error as Error, ...(undoWarnings.length > 0 ? { warnings: undoWarnings } : {}) });
@@ -80,7 +86,7 @@ export async function runBackup(input: BackupRunInput): Promise<BackupRunResult>
   };
 
   const parallel = Math.max(1, input.parallel ?? 1);
-  if (input.mode === 'regular') {
+  if (input.mode === 'regular' || input.mode === 'fleecing') {
     await forEachConcurrently(input.vms, parallel, (vm) => runRegular(vm));
     return { sessionId, outcomes, storageSnapshotCount, hunted };
   }

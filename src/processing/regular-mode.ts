@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
 import type { Catalog, VmTarget } from '../catalog/index.ts';
-import type { SnapshotLedger, VmSnapshotStats } from '../hypervisor/hypervisor.ts';
+import type { DiskExport, FleeceStats, HypervisorVm, QuiescePlan, SnapshotLedger, VmCbtPlan, VmDisk, VmSnapshotStats } from '../hypervisor/hypervisor.ts';
 import { openVm } from '../hypervisor/registry.ts';
 import type { Repository, RestorePointSummary } from '../repository/index.ts';
 import { cbtInputOf } from './cbt-chain-key.ts';
@@ -20,6 +20,11 @@ export interface TaskProgress {
 
 export interface BackupTaskInput extends TaskTuning {
   vm: VmTarget;
+  /**
+   * How the point in time is held while the disks are read: a VM snapshot (regular processing, the default) or
+   * fleecing (copy-before-write: no delta file, no commit).
+   */
+  pointInTime?: 'vm-snapshot' | 'fleecing';
   repository: Repository;
   catalog: Catalog;
   /** Sockets and other per-run files go here. */
@@ -49,6 +54,9 @@ export interface BackupTaskResult {
 /**
  * Regular processing of one VM: VM snapshot → copy the frozen base through the VM's own NBD export →
  * commit the snapshot → write the restore point. The VM snapshot is committed on every path out.
+ * With `pointInTime: 'fleecing'` the same task holds the point in time by fleecing instead: the guest's
+ * writes copy old blocks to a scratch image, the disks are read through the fleecing node, and releasing it
+ * removes the scratch (nothing to commit).
  */
 export async function backupVmRegular(input: BackupTaskInput): Promise<BackupTaskResult> {
   const sessionId = input.sessionId ?? randomUUID();
@@ -71,6 +79,7 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
   const started = performance.now();
   const { vm: target, catalog, repository } = input;
   const tag = sessionId.slice(0, 8);
+  const mode = input.pointInTime === 'fleecing' ? 'fleecing' : 'regular';
 
   await using vm = await openVm(target);
   const disks = await vm.listDisks();
@@ -88,21 +97,15 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
   try {
     report('snapshot', 0);
     const copies: VmDiskCopy[] = [];
-    let vmSnapshotStats: VmSnapshotStats;
+    let held: HeldStats;
     {
-      await using vmSnapshot = await vm.snapshot(disks, {
-        tag,
-        quiesce: quiescePlan.quiesce,
-        overlayFolder: input.overlayFolder,
-        cbt,
-        ledger: vmSnapshotLedger(catalog, target, sessionId),
-      });
+      await using pointInTime = await holdPointInTime(vm, disks, mode, { input, sessionId, tag, quiescePlan, cbt });
       await input.hooks?.afterVmSnapshots?.();
       copies.push(
         ...(await copyVmDisks(
           writer,
           disks,
-          (disk, index) => vm.exportFrozenDisk(disk, index, { tag, runDir: input.runDir }),
+          (disk, index) => pointInTime.exportDisk(disk, index),
           {
             chunkSizeBytes: repository.chunkSizeBytes,
             readAhead: input.readAhead,
@@ -115,13 +118,13 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
       );
       faultPoint('copy.after-copy');
       report('commit', totalBytes);
-      vmSnapshotStats = await vmSnapshot.commit();
+      held = await pointInTime.end();
     }
     report('finalize', totalBytes);
     const writerStats = await writer.settle();
-    const stats = summarizeTask({ mode: 'regular', durationMs: performance.now() - started, copies, writer: writerStats, workerCount: repository.workerCount, vmSnapshot: vmSnapshotStats, quiesceNote: quiescePlan.note });
+    const stats = summarizeTask({ mode, durationMs: performance.now() - started, copies, writer: writerStats, workerCount: repository.workerCount, ...held, quiesceNote: quiescePlan.note });
     const restorePoint = await writer.commit({
-      mode: 'regular',
+      mode,
       sessionId,
       failoverReason: input.failoverReason,
       disks: disks.map((disk) => ({ name: disk.name, format: disk.format, imagePath: disk.imagePath, virtualSizeBytes: disk.virtualSizeBytes })),
@@ -132,7 +135,7 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
     committed = true;
     const warnings = await cbt.finish(true);
     faultPoint('cbt.after-finish');
-    catalog.addRestorePoint({ id: restorePoint.id, vmName: target.name, repositoryPath: repository.path, createdAt: restorePoint.createdAt, mode: 'regular', stats: { ...stats, failoverReason: input.failoverReason } });
+    catalog.addRestorePoint({ id: restorePoint.id, vmName: target.name, repositoryPath: repository.path, createdAt: restorePoint.createdAt, mode, stats: { ...stats, failoverReason: input.failoverReason } });
     faultPoint('backup.after-catalog-record');
     return { restorePoint, stats, ...(warnings.length > 0 ? { warnings } : {}) };
   } finally {
@@ -141,6 +144,49 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
       input.undoWarnings?.push(...(await cbt.finish(false)));
     }
   }
+}
+
+/** What holding the point in time cost the guest: a VM snapshot's figures, or fleecing's (no delta, no commit). */
+interface HeldStats {
+  vmSnapshot: VmSnapshotStats;
+  fleece?: FleeceStats;
+}
+
+/** The point in time of a VM task, held while its disks are read; disposal undoes it on every path out. */
+interface HeldPointInTime extends AsyncDisposable {
+  exportDisk(disk: VmDisk, index: number): Promise<DiskExport>;
+  /** Ends it once the copy is done: commits the VM snapshot, or checks and releases the fleecing. */
+  end(): Promise<HeldStats>;
+}
+
+async function holdPointInTime(
+  vm: HypervisorVm,
+  disks: readonly VmDisk[],
+  mode: 'regular' | 'fleecing',
+  context: { input: BackupTaskInput; sessionId: string; tag: string; quiescePlan: QuiescePlan; cbt: VmCbtPlan },
+): Promise<HeldPointInTime> {
+  const { input, sessionId, tag, quiescePlan, cbt } = context;
+  const ledger = vmSnapshotLedger(input.catalog, input.vm, sessionId);
+  if (mode === 'fleecing') {
+    const fleece = await vm.startFleecing(disks, { tag, ledger, runDir: input.runDir, scratchFolder: input.overlayFolder, quiesce: quiescePlan.quiesce, cbt });
+    return {
+      exportDisk: (disk, index) => fleece.exportDisk(disk, index),
+      async end() {
+        // A fleecing whose scratch broke (full, I/O error) lets the guest's writes through unsaved: the copy
+        // read a mix of two instants, so no restore point may come of it.
+        await fleece.verifyIntact?.();
+        const stats = await fleece.release();
+        return { vmSnapshot: { lifetimeMs: 0, deltaBytesAtCommit: 0, commitMs: 0 }, fleece: stats };
+      },
+      [Symbol.asyncDispose]: () => fleece[Symbol.asyncDispose](),
+    };
+  }
+  const vmSnapshot = await vm.snapshot(disks, { tag, quiesce: quiescePlan.quiesce, overlayFolder: input.overlayFolder, cbt, ledger });
+  return {
+    exportDisk: (disk, index) => vm.exportFrozenDisk(disk, index, { tag, runDir: input.runDir }),
+    end: async () => ({ vmSnapshot: await vmSnapshot.commit() }),
+    [Symbol.asyncDispose]: () => vmSnapshot[Symbol.asyncDispose](),
+  };
 }
 
 /** The ledger as a VM snapshot of `vm` writes it: the intent before the hypervisor is asked, cleared after the commit. */

@@ -20,6 +20,9 @@ export interface TaskStats {
   deltaBytesAtCommit: number;
   commitMs: number;
   storageSnapshotLifetimeMs: number | null;
+  /** Fleecing mode: how long the copy-before-write filter lived, and the old blocks it copied aside (else null). */
+  fleecingLifetimeMs: number | null;
+  scratchBytes: number | null;
   /** Whether the guest was quiesced, and if not why (null: not asked for). */
   quiesce: string | null;
   /**
@@ -42,6 +45,7 @@ export function summarizeTask(input: {
   /** Blob workers in the pool: their busy times add up, so capacity is this many times the wall time. */
   workerCount?: number;
   vmSnapshot: { lifetimeMs: number; deltaBytesAtCommit: number; commitMs: number };
+  fleece?: { lifetimeMs: number; scratchBytes: number };
   storageSnapshotLifetimeMs?: number;
   quiesceNote?: string | null;
 }): TaskStats {
@@ -69,6 +73,8 @@ export function summarizeTask(input: {
     deltaBytesAtCommit: input.vmSnapshot.deltaBytesAtCommit,
     commitMs: input.vmSnapshot.commitMs,
     storageSnapshotLifetimeMs: input.storageSnapshotLifetimeMs ?? null,
+    fleecingLifetimeMs: input.fleece?.lifetimeMs ?? null,
+    scratchBytes: input.fleece?.scratchBytes ?? null,
     quiesce: input.quiesceNote ?? null,
     busyPercent,
     bottleneck,
