@@ -37,7 +37,8 @@ export interface BackupTaskInput extends TaskTuning {
   /** The run already hunted leftovers before its first task. */
   skipHunt?: boolean;
   /** Called at the moments a crash matters most (tests use them to write, measure or kill). */
-  hooks?: { afterVmSnapshots?: () => Promise<void> | void };
+  /** `beforeVmSnapshots`/`afterVmSnapshots` bracket the point in time (a VM snapshot or the fleecing start). */
+  hooks?: { beforeVmSnapshots?: () => Promise<void> | void; afterVmSnapshots?: () => Promise<void> | void };
   /** Non-fatal problems met while undoing a task that fails are appended here (one that succeeds returns its own). */
   undoWarnings?: string[];
 }
@@ -99,6 +100,7 @@ async function runRegularTask(input: BackupTaskInput, sessionId: string): Promis
     const copies: VmDiskCopy[] = [];
     let held: HeldStats;
     {
+      await input.hooks?.beforeVmSnapshots?.();
       await using pointInTime = await holdPointInTime(vm, disks, mode, { input, sessionId, tag, quiescePlan, cbt });
       await input.hooks?.afterVmSnapshots?.();
       copies.push(

@@ -27,7 +27,7 @@ export interface StorageGroupInput extends TaskTuning {
   /** Read every disk in full, even where changed-block tracking could limit the read (`backup --full`). */
   full?: boolean;
   /** Test hooks at the two moments a crash matters most. */
-  hooks?: { afterStorageSnapshot?: () => Promise<void> | void; afterVmSnapshots?: () => Promise<void> | void };
+  hooks?: { afterStorageSnapshot?: () => Promise<void> | void; beforeVmSnapshots?: () => Promise<void> | void; afterVmSnapshots?: () => Promise<void> | void };
 }
 
 export interface GroupTaskOutcome {
@@ -141,6 +141,7 @@ async function backupGroup(input: StorageGroupInput, cleanup: CleanupStack, outc
   if (members.length === 0) return;
 
   // 1. VM snapshots of the whole group.
+  await input.hooks?.beforeVmSnapshots?.();
   for (const member of members) {
     try {
       member.vmSnapshot = await member.vm.snapshot(member.disks, {

@@ -14,5 +14,5 @@ export interface TaskTuning {
   /** Freeze guest file systems through the guest agent during the VM snapshot, where there is one. */
   quiesce?: boolean;
   /** Called at the moments a crash matters most (tests use them to write, measure or kill). */
-  hooks?: { afterVmSnapshots?: () => Promise<void> | void; afterStorageSnapshot?: () => Promise<void> | void };
+  hooks?: { beforeVmSnapshots?: () => Promise<void> | void; afterVmSnapshots?: () => Promise<void> | void; afterStorageSnapshot?: () => Promise<void> | void };
 }

@@ -145,7 +145,7 @@ describe('regular processing: faults and bad input', () => {
   test('bad input: an unknown VM, a socket that is not QEMU, a disk format we cannot snapshot: one clear line, the VM untouched', async () => {
     const unknown = await runCli(['backup', 'no-such-vm', '--repo', repoPath(), '--mode', 'regular'], env());
     assert.equal(unknown.status, 2);
-    assert.equal(unknown.stderr, 'snapshift: no VM named "no-such-vm": add it with "snapshift host add qemu --qmp PATH --name no-such-vm"\n');
+    assert.equal(unknown.stderr, 'snapshift: no VM named "no-such-vm": add it with "snapshift host add qemu --qmp PATH --name no-such-vm", or add its libvirt host ("snapshift host add libvirt --uri URI")\n');
 
     const fakeSocket = join(workspace.dir, 'fake-qmp.sock');
     const server = createServer((socket) => socket.end('SSH-2.0-OpenSSH_9.2\r\n'));

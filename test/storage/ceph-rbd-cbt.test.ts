@@ -140,7 +140,7 @@ describe('incremental backups of Ceph RBD disks from rbd diff', () => {
     await writeAll([{ offset: 30 * MiB, length: MiB }]);
     const fallback = await backup('ref-4');
     assert.equal(fallback.disk.cbtSource, 'none');
-    assert.match(fallback.disk.fallbackReason ?? '', /retained RBD snapshot .* is gone/);
+    assert.match(fallback.disk.fallbackReason ?? '', /retained snapshot .* is gone/);
     assert.equal(fallback.disk.dirtyBytes, null);
     assert.ok(fallback.disk.readBytes >= full.disk.readBytes, `read in full: ${fallback.disk.readBytes} bytes, the first backup read ${full.disk.readBytes}`);
 
