@@ -59,6 +59,9 @@ export const errorCodes = {
   DISK_SIZE_MISMATCH: { exitStatus: failed, meaning: 'the exported disk\'s size differs from what QEMU reports' },
   VM_SNAPSHOT_FAILED: { exitStatus: failed, meaning: 'the VM snapshot could not be taken' },
   VM_SNAPSHOT_COMMIT_FAILED: { exitStatus: failed, meaning: 'the VM snapshot could not be committed back (the hunter retries it)' },
+  FLEECING_FAILED: { exitStatus: failed, meaning: 'fleecing (a point-in-time view of running disks through copy-before-write) could not be started' },
+  FLEECING_BROKEN: { exitStatus: failed, meaning: 'fleecing gave up its point in time so the guest could keep writing (scratch space ran low, or its job ended)' },
+  FLEECING_RELEASE_FAILED: { exitStatus: failed, meaning: 'fleecing could not be fully removed from QEMU (snapshift hunt retries)' },
 
   // Data mover: NBD
   NBD_SERVER_BUSY: { exitStatus: failed, meaning: 'QEMU already runs an NBD server whose socket snapshift does not know (host add --nbd-socket)' },

@@ -25,6 +25,11 @@ export const faultPoints = [
   'copy.after-copy',
   'storage-snapshot.after-copy',
   'storage-snapshot.after-removal',
+  // Fleecing (copy-before-write, no delta file and no commit).
+  'fleece.after-ledger-intent',
+  'fleece.transaction-sent',
+  'fleece.after-start',
+  'fleece.before-release',
   // The repository's side of a backup.
   'repo.after-pack-write',
   'repo.after-last-pack',
