@@ -10,8 +10,14 @@ export interface ExportOptions {
   /** The socket of an NBD server the process already runs (qemu-storage-daemon's --nbd-server). */
   existingServerSocketPath?: string | null;
   exportName: string;
-  /** Dirty bitmaps to expose as `qemu:dirty-bitmap:NAME` meta contexts. */
-  bitmaps?: string[];
+  /** QMP id of the export; default `<exportName>-export`. */
+  exportId?: string;
+  /**
+   * Dirty bitmaps to expose as `qemu:dirty-bitmap:NAME` meta contexts. A bare name is looked up on the
+   * exported node and its backing chain only; a bitmap of another node (the disk under a fleecing node)
+   * must be named with its node (QMP reference, BlockDirtyBitmapOrStr).
+   */
+  bitmaps?: Array<string | { node: string; name: string }>;
 }
 
 /**
@@ -40,7 +46,7 @@ export async function exportNodeReadOnly(qmp: QmpSession, nodeName: string, opti
       socketPath = options.existingServerSocketPath;
     }
   }
-  const exportId = `${options.exportName}-export`;
+  const exportId = options.exportId ?? `${options.exportName}-export`;
   try {
     await qmp.execute('block-export-add', {
       type: 'nbd',
