@@ -90,3 +90,12 @@ export async function backingChildOf(qmp: QmpSession, nodeName: string): Promise
   const edge = graph.edges.find((e) => e.parent === parent.id && e.name === 'backing');
   return edge ? graph.nodes.find((node) => node.id === edge.child)?.name : undefined;
 }
+
+/** The `file` child of a node: what a filter (copy-before-write, snapshot-access) passes its I/O to. */
+export async function fileChildOf(qmp: QmpSession, nodeName: string): Promise<string | undefined> {
+  const graph = await qmp.execute<DebugBlockGraph>('x-debug-query-block-graph');
+  const parent = graph.nodes.find((node) => node.name === nodeName);
+  if (!parent) return undefined;
+  const edge = graph.edges.find((e) => e.parent === parent.id && e.name === 'file');
+  return edge ? graph.nodes.find((node) => node.id === edge.child)?.name : undefined;
+}

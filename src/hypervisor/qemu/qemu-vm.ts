@@ -1,6 +1,6 @@
 import { SnapshiftError } from '../../core/errors.ts';
 import type { VmDisk } from '../hypervisor.ts';
-import { queryNamedBlockNodes, rootNodeNames, protocolChildOf, type BlockNodeInfo } from './block-graph.ts';
+import { fileChildOf, queryNamedBlockNodes, rootNodeNames, protocolChildOf, type BlockNodeInfo } from './block-graph.ts';
 import type { QmpSession } from './qmp-session.ts';
 
 interface QueryBlockEntry {
@@ -18,16 +18,27 @@ const protocolDrivers = new Set(['file', 'host_device', 'rbd', 'iscsi', 'nbd', '
 /**
  * Lists the disks of the QEMU process behind `qmp`: for a VM from its guest devices (`query-block`, named by
  * qdev id), for qemu-storage-daemon from the nodes its exports hold. Our own read-only exports and overlays
- * are not disks.
+ * are not disks. A copy-before-write filter on top of a disk (fleecing, ours or a backup job's) is looked
+ * through: the disk is the node below it.
  */
 export async function listQemuDisks(qmp: QmpSession): Promise<VmDisk[]> {
   const nodes = await queryNamedBlockNodes(qmp);
   const byName = new Map(nodes.map((node) => [node['node-name'], node]));
+  const belowFilters = async (nodeName: string): Promise<string> => {
+    let name = nodeName;
+    for (let depth = 0; depth < 4 && byName.get(name)?.drv === 'copy-before-write'; depth++) name = (await fileChildOf(qmp, name)) ?? name;
+    return name;
+  };
   const devices = (await qmp.execute<QueryBlockEntry[]>('query-block')).filter((device) => device.inserted);
-  const roots: Array<{ name: string; nodeName: string }> =
-    devices.length > 0
-      ? devices.map((device) => ({ name: deviceName(device), nodeName: device.inserted!['node-name'] }))
-      : (await rootNodeNames(qmp)).filter((name) => !name.startsWith('snapshift-')).map((name) => ({ name, nodeName: name }));
+  const roots: Array<{ name: string; nodeName: string }> = [];
+  if (devices.length > 0) {
+    for (const device of devices) roots.push({ name: deviceName(device), nodeName: await belowFilters(device.inserted!['node-name']) });
+  } else {
+    for (const root of await rootNodeNames(qmp)) {
+      const nodeName = await belowFilters(root);
+      if (!nodeName.startsWith('snapshift-') && !roots.some((known) => known.nodeName === nodeName)) roots.push({ name: nodeName, nodeName });
+    }
+  }
 
   const filterNodes = new Set(nodes.filter((node) => filterDrivers.has(node.drv)).map((node) => node['node-name']));
   const disks: VmDisk[] = [];
