@@ -15,6 +15,10 @@ export class SteadyWriter {
   readonly blockCount: number;
   /** The last write that completed. */
   completed = 0;
+  /** When write n was sent (index n - 1), in `performance.now()` milliseconds. */
+  readonly sentAtMs: number[] = [];
+  /** When write n completed (index n - 1). */
+  readonly completedAtMs: number[] = [];
   readonly errors: Error[] = [];
   #running = false;
   #loop: Promise<void> | undefined;
@@ -70,8 +74,11 @@ export class SteadyWriter {
       this.#nbd = await this.connect();
       while (this.#running) {
         const n = this.completed + 1;
+        const data = this.blockData(n);
         try {
-          await this.#nbd.write(this.offsetOf(n), this.blockData(n));
+          this.sentAtMs[n - 1] = performance.now();
+          await this.#nbd.write(this.offsetOf(n), data);
+          this.completedAtMs[n - 1] = performance.now();
           this.completed = n;
         } catch (error) {
           this.errors.push(error as Error);
@@ -106,6 +113,23 @@ export class SteadyWriter {
     this.#running = false;
     await this.#loop;
     return this.completed;
+  }
+
+  /** Latencies (ms) of the completed writes sent within [fromMs, toMs) of `performance.now()`. */
+  latenciesMs(fromMs = 0, toMs = Number.POSITIVE_INFINITY): number[] {
+    const latencies: number[] = [];
+    for (let index = 0; index < this.completed; index++) {
+      const sentAt = this.sentAtMs[index]!;
+      if (sentAt >= fromMs && sentAt < toMs) latencies.push(this.completedAtMs[index]! - sentAt);
+    }
+    return latencies;
+  }
+
+  /** The `fraction` percentile (0.5, 0.99) of `values`, nearest rank; NaN when empty. */
+  static percentile(values: readonly number[], fraction: number): number {
+    if (values.length === 0) return Number.NaN;
+    const sorted = [...values].sort((a, b) => a - b);
+    return sorted[Math.min(sorted.length - 1, Math.ceil(fraction * sorted.length) - 1)]!;
   }
 
   /** The cut of an image: the highest write number found in the region (0 if none). */
