@@ -127,6 +127,13 @@ export interface Fleece extends AsyncDisposable {
   readonly takenAt: Date;
   /** A read-only NBD export of one disk at the point in time. */
   exportDisk(disk: VmDisk, index: number): Promise<DiskExport>;
+  /**
+   * Throws unless the point in time held all along (an adapter may give it up so the guest can keep writing,
+   * or the hypervisor may end it behind our back, and exports may then read the live disk). Call it after the
+   * last read and before the restore point's manifest is written. Adapters whose point in time cannot be lost
+   * omit it.
+   */
+  verifyIntact?(): Promise<void>;
   /** Ends the fleecing (idempotent) and removes its scratch images. */
   release(): Promise<FleeceStats>;
   /**
