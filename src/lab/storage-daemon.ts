@@ -26,6 +26,11 @@ export interface StorageDaemonOptions {
   images: StorageDaemonImage[];
   /** How long to wait for the daemon to come up; default 10 s. */
   readyTimeoutMs?: number;
+  /**
+   * Run no NBD server (and so no writable exports), as a VM runs none until the engine starts one with
+   * `nbd-server-start`; default false.
+   */
+  noNbdServer?: boolean;
 }
 
 /** One image as the daemon serves it. */
@@ -63,7 +68,7 @@ export class StorageDaemon implements AsyncDisposable {
   readonly pid: number;
   /** QMP socket for the engine (or a test) to use. */
   readonly qmpSocketPath: string;
-  /** The daemon's NBD server; every image's writable export and any export added later live here. */
+  /** The daemon's NBD server; every image's writable export and any export added later live here (absent with `noNbdServer`). */
   readonly nbdSocketPath: string;
   readonly disks: readonly StorageDaemonDisk[];
 
@@ -105,9 +110,11 @@ export class StorageDaemon implements AsyncDisposable {
       }
       args.push('--blockdev', `driver=${disk.format},node-name=${disk.nodeName},file=${child}`);
     }
-    args.push('--nbd-server', `addr.type=unix,addr.path=${escapeOption(join(dir, 'nbd.sock'))}`);
-    for (const disk of disks) {
-      args.push('--export', `type=nbd,id=${disk.exportId},node-name=${disk.nodeName},name=${escapeOption(disk.exportName)},writable=on`);
+    if (!options.noNbdServer) {
+      args.push('--nbd-server', `addr.type=unix,addr.path=${escapeOption(join(dir, 'nbd.sock'))}`);
+      for (const disk of disks) {
+        args.push('--export', `type=nbd,id=${disk.exportId},node-name=${disk.nodeName},name=${escapeOption(disk.exportName)},writable=on`);
+      }
     }
     // Monitors last: qemu-storage-daemon processes options in order, so once QMP answers, all is set up.
     args.push('--chardev', `socket,id=qmp-engine,path=${escapeOption(join(dir, 'qmp.sock'))},server=on,wait=off`, '--monitor', 'chardev=qmp-engine');

@@ -22,30 +22,13 @@ export interface ExportOptions {
 
 /**
  * Exports `nodeName` read-only over NBD from the QEMU process itself: `nbd-server-start` on a unix socket
- * (unless the process already serves NBD), then `block-export-add`. Disposing deletes the export, waits for
- * BLOCK_EXPORT_DELETED and stops the server if we started it.
+ * (unless the process already serves NBD), then `block-export-add`. Disposing deletes the export and waits for
+ * BLOCK_EXPORT_DELETED. Exports through one QMP session share the server we start, which stops with the last
+ * of them: QEMU's `nbd-server-stop` closes every NBD export of the process, so the first export's disposal
+ * must not stop it (test/hypervisor/qemu-nbd-export.test.ts).
  */
 export async function exportNodeReadOnly(qmp: QmpSession, nodeName: string, options: ExportOptions): Promise<DiskExport> {
-  let socketPath = options.socketPath;
-  let startedServer = false;
-  try {
-    await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: socketPath } } });
-    startedServer = true;
-  } catch (error) {
-    if (!/already running/i.test((error as Error).message)) throw error;
-    if (!options.existingServerSocketPath && (await isSocket(socketPath))) {
-      // Our own server, left running by a task that was killed: reuse it, and stop it when done.
-      startedServer = true;
-    } else if (!options.existingServerSocketPath) {
-      throw new SnapshiftError(
-        'NBD_SERVER_BUSY',
-        'the QEMU process already runs an NBD server whose socket we do not know: add the host with --nbd-socket PATH',
-        { cause: error },
-      );
-    } else {
-      socketPath = options.existingServerSocketPath;
-    }
-  }
+  const server = await useNbdServer(qmp, options.socketPath, options.existingServerSocketPath);
   const exportId = options.exportId ?? `${options.exportName}-export`;
   try {
     await qmp.execute('block-export-add', {
@@ -57,23 +40,97 @@ export async function exportNodeReadOnly(qmp: QmpSession, nodeName: string, opti
       ...(options.bitmaps && options.bitmaps.length > 0 ? { bitmaps: options.bitmaps } : {}),
     });
   } catch (error) {
-    if (startedServer) await stopServer(qmp, socketPath);
+    await server.release();
     throw error;
   }
+  let disposed: Promise<void> | undefined;
   return {
-    socketPath,
+    socketPath: server.socketPath,
     exportName: options.exportName,
-    async [Symbol.asyncDispose]() {
-      const deleted = qmp.waitForEvent('BLOCK_EXPORT_DELETED', (event) => event.data?.id === exportId, { timeoutMs: 30_000 });
-      deleted.catch(() => undefined);
-      await qmp.execute('block-export-del', { id: exportId, mode: 'hard' });
-      await deleted;
-      if (startedServer) await stopServer(qmp, socketPath);
+    [Symbol.asyncDispose]() {
+      disposed ??= (async () => {
+        try {
+          const deleted = qmp.waitForEvent('BLOCK_EXPORT_DELETED', (event) => event.data?.id === exportId, { timeoutMs: 30_000 });
+          deleted.catch(() => undefined);
+          await qmp.execute('block-export-del', { id: exportId, mode: 'hard' });
+          await deleted;
+        } finally {
+          await server.release();
+        }
+      })();
+      return disposed;
     },
   };
 }
 
-async function stopServer(qmp: QmpSession, socketPath: string): Promise<void> {
+/** The NBD server a QMP session's exports use, and how many of them use it now. */
+interface SharedNbdServer {
+  ready: Promise<{ socketPath: string; ours: boolean }>;
+  users: number;
+}
+
+const sharedServers = new WeakMap<QmpSession, SharedNbdServer>();
+/** A server stop in flight: a new first export waits for it, or its start would be refused ("already running"). */
+const pendingStops = new WeakMap<QmpSession, Promise<void>>();
+
+/** One use of the session's NBD server; `release` stops a server we started once nobody uses it. */
+async function useNbdServer(qmp: QmpSession, socketPath: string, existingServerSocketPath: string | null | undefined): Promise<{ socketPath: string; release: () => Promise<void> }> {
+  let shared = sharedServers.get(qmp);
+  if (!shared) {
+    const created: SharedNbdServer = { users: 0, ready: startOrFindServer(qmp, socketPath, existingServerSocketPath) };
+    created.ready.catch(() => {
+      if (sharedServers.get(qmp) === created) sharedServers.delete(qmp);
+    });
+    sharedServers.set(qmp, created);
+    shared = created;
+  }
+  const inUse = shared;
+  inUse.users++;
+  let server: { socketPath: string; ours: boolean };
+  try {
+    server = await inUse.ready;
+  } catch (error) {
+    inUse.users--;
+    throw error;
+  }
+  let released = false;
+  return {
+    socketPath: server.socketPath,
+    release: async () => {
+      if (released) return;
+      released = true;
+      if (--inUse.users > 0) return;
+      if (sharedServers.get(qmp) === inUse) sharedServers.delete(qmp);
+      if (!server.ours) return;
+      const stop = stopServerIfUnused(qmp, server.socketPath);
+      pendingStops.set(qmp, stop.catch(() => undefined));
+      await stop;
+    },
+  };
+}
+
+async function startOrFindServer(qmp: QmpSession, socketPath: string, existingServerSocketPath: string | null | undefined): Promise<{ socketPath: string; ours: boolean }> {
+  await pendingStops.get(qmp);
+  try {
+    await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: socketPath } } });
+    return { socketPath, ours: true };
+  } catch (error) {
+    if (!/already running/i.test((error as Error).message)) throw error;
+    if (existingServerSocketPath) return { socketPath: existingServerSocketPath, ours: false };
+    // Our own server, left running by a task that was killed: reuse it, and stop it when done.
+    if (await isSocket(socketPath)) return { socketPath, ours: true };
+    throw new SnapshiftError(
+      'NBD_SERVER_BUSY',
+      'the QEMU process already runs an NBD server whose socket we do not know: add the host with --nbd-socket PATH',
+      { cause: error },
+    );
+  }
+}
+
+/** Stops our server unless QEMU still lists an NBD export (another task's, or one a killed task left for the hunter). */
+async function stopServerIfUnused(qmp: QmpSession, socketPath: string): Promise<void> {
+  const exports = await qmp.execute<Array<{ type: string; 'shutting-down': boolean }>>('query-block-exports');
+  if (exports.some((entry) => entry.type === 'nbd' && !entry['shutting-down'])) return;
   await qmp.execute('nbd-server-stop');
   await rm(socketPath, { force: true });
 }
