@@ -87,12 +87,17 @@ export interface StartQemuFleecingOptions {
   nbdServerSocketPath?: string | null;
   /** Default: `snapshot-access` on QEMU ≥ 8.0, `backing` before (see the top of this file). */
   readScheme?: FleeceReadScheme;
+  /** Guest file-system freeze just before the transaction, thaw right after it (application consistency). */
+  quiesce?: { freeze(): Promise<void>; thaw(): Promise<void> };
+  /** Where `exportDisk` starts an NBD server when the process runs none (a VM) and no socket is given. */
+  exportSocketPath?: string;
 }
 
 export interface FleeceExportOptions {
-  exportName: string;
-  /** Unix socket for an NBD server we start if the QEMU process runs none. */
-  socketPath: string;
+  /** Default: the export's id, `snapshift-<tag>-fleece-<n>-export-<k>`. */
+  exportName?: string;
+  /** Unix socket for an NBD server we start if the QEMU process runs none; default the start's `exportSocketPath`. */
+  socketPath?: string;
   /** The NBD server the process already runs (qemu-storage-daemon's --nbd-server). */
   existingServerSocketPath?: string | null;
   /** Dirty bitmaps of the disk's node to expose as `qemu:dirty-bitmap:NAME` (a frozen one: QEMU refuses a recording one). */
@@ -188,6 +193,7 @@ export async function startQemuFleecing(qmp: QmpSession, disks: readonly VmDisk[
         discard: 'unmap',
       });
     }
+    if (options.quiesce) await options.quiesce.freeze();
     const transactionStartedAt = performance.now();
     const transaction = qmp.execute('transaction', {
       actions: [
@@ -206,8 +212,13 @@ export async function startQemuFleecing(qmp: QmpSession, disks: readonly VmDisk[
         })),
       ],
     });
-    await faultPointAfterIo('fleece.transaction-sent');
-    await transaction;
+    try {
+      await faultPointAfterIo('fleece.transaction-sent');
+      await transaction;
+    } finally {
+      // Thawed at once, whatever the transaction's outcome: the guest's writes are copied from here on.
+      if (options.quiesce) await options.quiesce.thaw();
+    }
     startedAt = performance.now();
     takenAt = new Date();
     transactionMs = startedAt - transactionStartedAt;
@@ -227,6 +238,7 @@ export async function startQemuFleecing(qmp: QmpSession, disks: readonly VmDisk[
     breakSnapshotSupported,
     readScheme,
     nbdServerSocketPath: options.nbdServerSocketPath,
+    exportSocketPath: options.exportSocketPath,
   });
   fleece.watchScratch(options.scratchGuard ?? {});
   return fleece;
@@ -266,6 +278,7 @@ export class QemuFleece implements Fleece {
   readonly #ledgerEntryId: number;
   readonly #startedAt: number;
   readonly #nbdServerSocketPath: string | null | undefined;
+  readonly #exportSocketPath: string | undefined;
   readonly #exports = new Set<DiskExport>();
   #exportCount = 0;
   #guard: ScratchGuard | undefined;
@@ -286,10 +299,12 @@ export class QemuFleece implements Fleece {
       breakSnapshotSupported: boolean;
       readScheme: FleeceReadScheme;
       nbdServerSocketPath?: string | null | undefined;
+      exportSocketPath?: string | undefined;
     },
   ) {
     this.readScheme = timing.readScheme;
     this.#nbdServerSocketPath = timing.nbdServerSocketPath;
+    this.#exportSocketPath = timing.exportSocketPath;
     this.#qmp = qmp;
     this.#planned = planned;
     this.#ledger = ledger;
@@ -377,17 +392,22 @@ export class QemuFleece implements Fleece {
     }
   }
 
-  async exportDisk(disk: VmDisk, index: number, options: FleeceExportOptions): Promise<DiskExport> {
+  /** A read-only NBD export of disk `index` (of those given to the start) as it was at the point in time. */
+  async exportDisk(disk: VmDisk, index: number, options: FleeceExportOptions = {}): Promise<DiskExport> {
     if (this.#release) throw new SnapshiftError('FLEECING_FAILED', `fleecing of disk ${disk.name} was released: nothing to export`);
     if (this.#brokenReason !== undefined) throw new SnapshiftError('FLEECING_BROKEN', `the point in time of disk ${disk.name} was given up: ${this.#brokenReason}`);
     const entry = this.#planned[index];
     if (!entry || entry.disk.name !== disk.name) throw new SnapshiftError('BAD_ARGUMENT', `disk ${disk.name} is not disk ${index} of this fleecing`);
     const pointInTimeNode = this.readScheme === 'snapshot-access' ? entry.names.accessNodeName : entry.names.scratchNodeName;
+    const existingServerSocketPath = options.existingServerSocketPath ?? this.#nbdServerSocketPath;
+    const socketPath = options.socketPath ?? this.#exportSocketPath ?? existingServerSocketPath;
+    if (!socketPath) throw new SnapshiftError('BAD_ARGUMENT', `no socket for the NBD server to export disk ${disk.name} on (exportSocketPath)`);
+    const exportId = `${entry.names.exportIdPrefix}${++this.#exportCount}`;
     const inner = await exportNodeReadOnly(this.#qmp, pointInTimeNode, {
-      socketPath: options.socketPath,
-      existingServerSocketPath: options.existingServerSocketPath ?? this.#nbdServerSocketPath,
-      exportName: options.exportName,
-      exportId: `${entry.names.exportIdPrefix}${++this.#exportCount}`,
+      socketPath,
+      existingServerSocketPath,
+      exportName: options.exportName ?? exportId,
+      exportId,
       bitmaps: options.bitmaps?.map((name) => ({ node: entry.disk.nodeName, name })),
     });
     let disposed: Promise<void> | undefined;
@@ -457,9 +477,10 @@ export interface RemovedFleecing {
  * reading the access nodes, the access nodes, the jobs (cancelling one drops its copy-before-write filter,
  * and the guest writes straight to its disk again), then the scratch nodes. Every step reads QEMU's state
  * first, so it serves a release, an undo after a failed start and the hunter alike. Throws if something of
- * ours is still there at the end.
+ * ours is still there at the end. `dryRun`: only reports what it would remove.
  */
-export async function removeFleeceFromQemu(qmp: QmpSession, names: readonly FleeceNames[]): Promise<RemovedFleecing> {
+export async function removeFleeceFromQemu(qmp: QmpSession, names: readonly FleeceNames[], options: { dryRun?: boolean } = {}): Promise<RemovedFleecing> {
+  const dryRun = options.dryRun ?? false;
   const removed: RemovedFleecing = { exports: [], jobs: [], nodes: [] };
   const ourNodes = new Set(names.flatMap((entry) => [entry.accessNodeName, entry.filterNodeName, entry.scratchNodeName]));
   const ourJobs = new Set(names.map((entry) => entry.jobId));
@@ -470,26 +491,27 @@ export async function removeFleeceFromQemu(qmp: QmpSession, names: readonly Flee
   const exports = await qmp.execute<Array<{ id: string; 'node-name': string }>>('query-block-exports');
   for (const entry of exports) {
     if (!pointInTimeNodes.has(entry['node-name']) && !names.some((name) => entry.id.startsWith(name.exportIdPrefix))) continue;
-    await deleteExport(qmp, entry.id);
+    if (!dryRun) await deleteExport(qmp, entry.id);
     removed.exports.push(entry.id);
   }
   let inGraph = await blockNodeNames(qmp);
   for (const { accessNodeName } of names) {
     if (!inGraph.has(accessNodeName)) continue;
-    await qmp.execute('blockdev-del', { 'node-name': accessNodeName });
+    if (!dryRun) await qmp.execute('blockdev-del', { 'node-name': accessNodeName });
     removed.nodes.push(accessNodeName);
   }
   for (const job of await qmp.execute<BlockJobInfo[]>('query-block-jobs')) {
     if (!ourJobs.has(job.device)) continue;
-    await endJob(qmp, job.device);
+    if (!dryRun) await endJob(qmp, job.device);
     removed.jobs.push(job.device);
   }
   inGraph = await blockNodeNames(qmp);
   for (const { scratchNodeName } of names) {
     if (!inGraph.has(scratchNodeName)) continue;
-    await qmp.execute('blockdev-del', { 'node-name': scratchNodeName });
+    if (!dryRun) await qmp.execute('blockdev-del', { 'node-name': scratchNodeName });
     removed.nodes.push(scratchNodeName);
   }
+  if (dryRun) return removed;
   inGraph = await blockNodeNames(qmp);
   const left = [...ourNodes].filter((name) => inGraph.has(name));
   if (left.length > 0) throw new SnapshiftError('FLEECING_RELEASE_FAILED', `QEMU still has fleecing node(s) ${left.join(', ')} after their removal`);
