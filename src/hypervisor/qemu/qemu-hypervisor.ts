@@ -20,6 +20,7 @@ import type {
 } from '../hypervisor.ts';
 import { isQemuCbtPlan, planQemuChangedBlocks } from './qemu-cbt.ts';
 import { huntQemuHost, repairQemuLedgerEntry } from './qemu-hunter.ts';
+import { startQemuFleecing } from './qemu-fleecing.ts';
 import { exportNodeReadOnly } from './qemu-nbd-export.ts';
 import { planQemuQuiesce } from './qemu-quiesce.ts';
 import { listQemuDisks } from './qemu-vm.ts';
@@ -116,14 +117,40 @@ class QemuVm implements HypervisorVm {
     return this.#export(disk.nodeName, `snapshift-${options.tag}-${index}`, options.runDir);
   }
 
-  async startFleecing(_disks: readonly VmDisk[], _options: FleeceOptions): Promise<Fleece> {
-    throw new SnapshiftError('HYPERVISOR_UNSUPPORTED', `VM ${this.name}: fleecing is not available on qemu hosts yet`);
+  /**
+   * Fleecing through blockdev-backup's copy-before-write filter (qemu-fleecing.ts). The ledger row lists the
+   * scratch images as its overlays (so a hunt that fails keeps the row) and carries in `adapter` what the
+   * hunter removes: `{ fleecing: true, tag, scratch }` (fleecing-hunter.ts); it never commits them.
+   */
+  startFleecing(disks: readonly VmDisk[], options: FleeceOptions): Promise<Fleece> {
+    const { tag } = options;
+    return startQemuFleecing(this.qmp, disks, {
+      tag,
+      scratchFolder: options.scratchFolder,
+      // The fleecing instant is where the new tracking starts: the rotations go into its transaction.
+      dirtyBitmaps: isQemuCbtPlan(options.cbt) ? options.cbt.rotations : [],
+      quiesce: options.quiesce,
+      nbdServerSocketPath: this.address.nbdSocketPath,
+      exportSocketPath: this.#nbdSocketPath(options.runDir),
+      ledger: {
+        recordIntent: (scratch) =>
+          options.ledger.recordIntent(
+            scratch.map((entry) => ({ diskName: entry.diskName, baseNodeName: entry.nodeName, overlayNodeName: entry.scratchNodeName, overlayPath: entry.scratchPath })),
+            { fleecing: true, tag, scratch },
+          ),
+        clear: (entryId) => options.ledger.clear(entryId),
+      },
+    });
+  }
+
+  #nbdSocketPath(runDir: string): string {
+    return join(runDir, `nbd-${socketSafe(this.name)}.sock`);
   }
 
   #export(nodeName: string, exportName: string, runDir: string, bitmaps?: string[]): Promise<DiskExport> {
     return exportNodeReadOnly(this.qmp, nodeName, {
       exportName,
-      socketPath: join(runDir, `nbd-${socketSafe(this.name)}.sock`),
+      socketPath: this.#nbdSocketPath(runDir),
       existingServerSocketPath: this.address.nbdSocketPath,
       ...(bitmaps ? { bitmaps } : {}),
     });
