@@ -1,7 +1,7 @@
 import { rm } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { pathExists, pathsHeldOpen } from '../../core/fs-probe.ts';
-import { blockNodeNames, queryNamedBlockNodes } from './block-graph.ts';
+import { blockNodeNames, fileChildOf, queryNamedBlockNodes } from './block-graph.ts';
 import { fleeceNamePattern, fleeceNamesOf, fleeceScratchFilePattern, removeFleeceFromQemu, type FleeceScratch, type RemovedFleecing } from './qemu-fleecing.ts';
 import type { QmpSession } from './qmp-session.ts';
 
@@ -37,10 +37,15 @@ export async function removeLeftoverFleecing(qmp: QmpSession, isLiveTag: (tag: s
   for (const name of await blockNodeNames(qmp)) note(name);
   if (indicesByTag.size === 0) return [];
 
-  // Where the scratch images are, read before their nodes go.
+  // Where the scratch images are, read before their nodes go. From the protocol node under each scratch node:
+  // a scratch given the disk as backing at run time reports a `json:{…}` file name itself.
   const scratchFiles = new Map<string, string>();
-  for (const node of await queryNamedBlockNodes(qmp).catch(() => [])) {
-    if (fleeceNamePattern.test(node['node-name']) && node.drv === 'qcow2' && fleeceScratchFilePattern.test(basename(node.file))) scratchFiles.set(node['node-name'], node.file);
+  const namedNodes = await queryNamedBlockNodes(qmp).catch(() => []);
+  for (const node of namedNodes) {
+    if (!fleeceNamePattern.test(node['node-name']) || node.drv !== 'qcow2') continue;
+    const protocolNodeName = await fileChildOf(qmp, node['node-name']);
+    const path = namedNodes.find((candidate) => candidate['node-name'] === protocolNodeName)?.file ?? node.file;
+    if (fleeceScratchFilePattern.test(basename(path))) scratchFiles.set(node['node-name'], path);
   }
   const report: LeftoverFleecing[] = [];
   for (const [tag, indices] of indicesByTag) {

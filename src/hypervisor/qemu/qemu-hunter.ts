@@ -7,6 +7,7 @@ import { faultPoint } from '../../core/fault-points.ts';
 import type { HuntAction, HuntOptions } from '../hypervisor.ts';
 import { commitOverlay } from './block-commit.ts';
 import { backingChildOf, blockNodeNames, queryNamedBlockNodes } from './block-graph.ts';
+import { fleecingDetailsOf, removeLeftoverFleecing, repairFleecingLedgerRow } from './fleecing-hunter.ts';
 import { removeLeftoverExports } from './qemu-nbd-export.ts';
 import type { QmpClient } from './qmp-client.ts';
 import { connectQmp } from './qmp-connect.ts';
@@ -26,6 +27,8 @@ export async function repairQemuLedgerEntry(entry: VmSnapshotLedgerEntry, option
   }
   try {
     if (qmp && !options.dryRun) await removeLeftoverExports(qmp, options.isLiveTag);
+    // A fleecing row's "overlays" are scratch images: never committed (that would write old data into the disk).
+    if (entry.adapter?.['fleecing'] === true) return await repairFleecingEntry(entry, qmp, options);
     const liveNodes = qmp ? await blockNodeNames(qmp) : undefined;
     for (const overlay of entry.overlays) {
       const base = { vmName: entry.vmName, overlayPath: overlay.overlayPath };
@@ -60,6 +63,22 @@ export async function repairQemuLedgerEntry(entry: VmSnapshotLedgerEntry, option
   return actions;
 }
 
+/** The fleecing half of `repairQemuLedgerEntry`: never throws, a failure leaves the row (left-in-place). */
+async function repairFleecingEntry(entry: VmSnapshotLedgerEntry, qmp: QmpClient | undefined, options: HuntOptions): Promise<HuntAction[]> {
+  // At least one action, or the caller would take the row for done and clear it.
+  const leftInPlace = (detail: string): HuntAction[] =>
+    (entry.overlays.length > 0 ? entry.overlays.map((overlay) => overlay.overlayPath) : ['']).map((overlayPath) => ({ vmName: entry.vmName, overlayPath, action: 'left-in-place' as const, detail }));
+  const details = fleecingDetailsOf(entry.adapter);
+  if (!details) return leftInPlace('the ledger row says fleecing but its details are malformed: remove its scratch images and this row by hand');
+  if (options.isLiveTag(details.tag)) return leftInPlace(`fleecing ${details.tag} belongs to a session that still runs`);
+  try {
+    const repairs = await repairFleecingLedgerRow(qmp, details, { dryRun: options.dryRun });
+    return repairs.map((repair) => ({ vmName: entry.vmName, overlayPath: repair.scratchPath, action: repair.action, detail: repair.detail }));
+  } catch (error) {
+    return leftInPlace(`could not remove fleecing ${details.tag}: ${messageOf(error)}`);
+  }
+}
+
 /**
  * A QEMU host's side of the hunt: exports and overlay nodes named by us (`snapshift-<tag>-…`) of sessions that
  * no longer run (e.g. their ledger row was lost) are removed or committed. A host that does not answer quickly
@@ -74,6 +93,16 @@ export async function huntQemuHost(vmName: string, qmpSocketPath: string, option
   }
   const actions: HuntAction[] = [];
   try {
+    // Fleecing a killed task left (first, so its exports are reported with it): the guest's writes still pass
+    // its copy-before-write filter into a scratch image nobody reads, which grows until it is removed.
+    try {
+      for (const leftover of await removeLeftoverFleecing(qmp, options.isLiveTag, { dryRun: options.dryRun })) {
+        const removed = [...leftover.exports.map((id) => `export ${id}`), ...leftover.jobs.map((id) => `job ${id}`), ...leftover.nodes.map((name) => `node ${name}`), ...leftover.scratchPaths.map((path) => `scratch image ${path}`)];
+        actions.push({ vmName, overlayPath: leftover.scratchPaths[0] ?? '', action: 'removed-fleecing', detail: `fleecing ${leftover.tag} of a session that is no longer running: ${removed.join(', ')}` });
+      }
+    } catch (error) {
+      actions.push({ vmName, overlayPath: '', action: 'left-in-place', detail: `could not remove leftover fleecing: ${messageOf(error)}` });
+    }
     // Exports a killed task left (e.g. a changed-block export opened before any snapshot was taken).
     const exports = options.dryRun ? [] : await removeLeftoverExports(qmp, options.isLiveTag).catch(() => []);
     for (const id of exports) actions.push({ vmName, overlayPath: '', action: 'removed-export', detail: `NBD export ${id} of a session that is no longer running` });
