@@ -6,15 +6,17 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { mkdir, readdir } from 'node:fs/promises';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
+import { Catalog, type VmTarget } from '../../src/catalog/index.ts';
 import { exec } from '../../src/core/exec.ts';
 import type { FaultPoint } from '../../src/core/fault-points.ts';
 import { NbdClient } from '../../src/datamover/nbd/index.ts';
 import { NbdDiskSource } from '../../src/datamover/nbd-disk-source.ts';
-import type { VmDisk } from '../../src/hypervisor/hypervisor.ts';
+import type { CbtPlanInput, HypervisorVm, VmDisk } from '../../src/hypervisor/hypervisor.ts';
+import { openVm } from '../../src/hypervisor/registry.ts';
 import { blockNodeNames } from '../../src/hypervisor/qemu/block-graph.ts';
 import { listDirtyBitmaps } from '../../src/hypervisor/qemu/dirty-bitmaps.ts';
 import { removeFleeceScratchFiles, removeLeftoverFleecing } from '../../src/hypervisor/qemu/fleecing-hunter.ts';
@@ -22,6 +24,8 @@ import { startQemuFleecing, type FleeceScratch, type FleecingLedger } from '../.
 import { listQemuDisks } from '../../src/hypervisor/qemu/qemu-vm.ts';
 import { QmpClient } from '../../src/hypervisor/qemu/qmp-client.ts';
 import { StorageDaemon } from '../../src/lab/storage-daemon.ts';
+import { vmSnapshotLedger } from '../../src/processing/regular-mode.ts';
+import { huntOverlaysOnHosts, huntVmSnapshots } from '../../src/processing/snapshot-hunter.ts';
 import { hasCode } from '../support/assertions.ts';
 import { SteadyWriter } from '../support/steady-writer.ts';
 import { makeWorkspace } from '../support/workspace.ts';
@@ -117,6 +121,10 @@ function pointInTimeDifference(writer: SteadyWriter, image: Buffer, cut: number)
   return `differs at ${at}; ${blocks.join('; ')}`;
 }
 
+function sha256(data: Buffer): string {
+  return createHash('sha256').update(data).digest('hex');
+}
+
 function fmt(ms: number): string {
   return ms.toFixed(ms < 10 ? 2 : 1);
 }
@@ -127,6 +135,9 @@ describe('fleecing on qemu-storage-daemon (a backup job\'s copy-before-write fil
   let qmp: QmpClient;
   let writers: SteadyWriter[];
   let disks: VmDisk[];
+  let catalog: Catalog;
+  let target: VmTarget;
+  let runDir: string;
   const diskBytes = [64 * MiB, 32 * MiB];
 
   const connectWriter = (exportName: string) => () => NbdClient.connect({ socketPath: daemon.nbdSocketPath, exportName });
@@ -164,6 +175,11 @@ describe('fleecing on qemu-storage-daemon (a backup job\'s copy-before-write fil
       await SteadyWriter.prepare({ connect: connectWriter('disk0'), sizeBytes: diskBytes[0]!, dataRanges: [[0, 8 * MiB], [56 * MiB, 8 * MiB]], regionOffsetBytes: 16 * MiB, regionBytes: 32 * MiB, intervalMs: 10 }),
       await SteadyWriter.prepare({ connect: connectWriter('disk1'), sizeBytes: diskBytes[1]!, dataRanges: [[0, 2 * MiB]], regionOffsetBytes: 4 * MiB, regionBytes: 16 * MiB, intervalMs: 10 }),
     ];
+    await mkdir(join(workspace.dir, 'home'));
+    catalog = Catalog.open(join(workspace.dir, 'home'));
+    target = catalog.addQemuVm({ name: 'fleecy', qmpSocketPath: daemon.qmpSocketPath, nbdSocketPath: daemon.nbdSocketPath });
+    runDir = join(workspace.dir, 'run');
+    await mkdir(runDir);
     qmp = await QmpClient.connect(daemon.qmpSocketPath);
     disks = (await listQemuDisks(qmp)).sort((a, b) => a.name.localeCompare(b.name));
     assert.deepEqual(disks.map((disk) => disk.name), ['disk0', 'disk1']);
@@ -172,12 +188,23 @@ describe('fleecing on qemu-storage-daemon (a backup job\'s copy-before-write fil
   after(async () => {
     for (const writer of writers ?? []) await writer.stop();
     await qmp?.close();
+    catalog?.close();
     await daemon?.stop();
     await workspace?.cleanup();
   });
 
-  test('two disks read at one instant while the guest writes; nothing lost, nothing left; the measurements', async () => {
-    const ledger = new MemoryLedger();
+  /** Gives QMP to an opened HypervisorVm for `work` (QEMU serves one QMP client at a time), then takes it back. */
+  async function throughVm<T>(work: (vm: HypervisorVm) => Promise<T>): Promise<T> {
+    await qmp.close();
+    try {
+      await using vm = await openVm(target);
+      return await work(vm);
+    } finally {
+      qmp = await QmpClient.connect(daemon.qmpSocketPath);
+    }
+  }
+
+  test('through the Hypervisor interface: two disks read at one instant (quiesced) while the guest writes; nothing lost, nothing left; the measurements', async () => {
     for (const writer of writers) writer.start();
     await sleep(300);
     // Without fleecing: the guest's latency while a backup-like reader reads its live disk at the same pace.
@@ -185,116 +212,138 @@ describe('fleecing on qemu-storage-daemon (a backup job\'s copy-before-write fil
     await readPaced(daemon.nbdSocketPath, 'disk0', 40);
     const baselineTo = performance.now();
 
-    const before = writers.map((writer) => writer.completed);
-    const startCalledAt = performance.now();
-    const fleece = await startQemuFleecing(qmp, disks, { tag: newTag(), ledger });
-    const startReturnedAt = performance.now();
-    const afterStart = writers.map((writer) => writer.completed);
-    assert.equal(ledger.rows.size, 1, 'the ledger row is there while fleecing lives');
-    assert.deepEqual((await listQemuDisks(qmp)).map((disk) => disk.nodeName).sort(), ['disk0', 'disk1'], 'the disks are still listed under their filters');
+    const sessionId = randomUUID();
+    const quiesceAt: Record<'freeze' | 'thaw', number[]> = { freeze: [], thaw: [] };
+    const quiesce = { freeze: async () => void quiesceAt.freeze.push(performance.now()), thaw: async () => void quiesceAt.thaw.push(performance.now()) };
+    const run = await throughVm(async (vm) => {
+      const vmDisks = (await vm.listDisks()).sort((a, b) => a.name.localeCompare(b.name));
+      const before = writers.map((writer) => writer.completed);
+      const startCalledAt = performance.now();
+      const fleece = await vm.startFleecing(vmDisks, { tag: sessionId.slice(0, 8), ledger: vmSnapshotLedger(catalog, target, sessionId), runDir, quiesce });
+      const startReturnedAt = performance.now();
+      const afterStart = writers.map((writer) => writer.completed);
+      const [row, ...more] = catalog.listVmSnapshotLedger(target.name);
+      assert.equal(more.length, 0, 'one ledger row while fleecing lives');
+      assert.equal(row?.adapter?.['fleecing'], true, 'the row says fleecing');
+      assert.equal(row.sessionId, sessionId);
+      assert.deepEqual(row.overlays.map((overlay) => basename(overlay.overlayPath)), vmDisks.map((_disk, index) => `snapshift-${sessionId.slice(0, 8)}-fleece-${index}.qcow2`), 'its overlays are the scratch images');
+      assert.deepEqual((await vm.listDisks()).map((disk) => disk.nodeName).sort(), ['disk0', 'disk1'], 'the disks are still listed under their filters');
 
-    // disk0 read whole; disk1 as a backup reads, through block status (which snapshot-access answers too).
-    const images: Buffer[] = [];
-    let disk1DataBytes = 0;
-    for (const [index, disk] of disks.entries()) {
-      await using diskExport = await fleece.exportDisk(disk, index, { exportName: `pit-${disk.name}`, socketPath: daemon.nbdSocketPath, existingServerSocketPath: daemon.nbdSocketPath });
-      if (index === 0) {
-        images.push(await readPaced(diskExport.socketPath, diskExport.exportName, 40));
-      } else {
-        const { image, dataBytes } = await readDataRegions(diskExport.socketPath, diskExport.exportName, 40);
-        images.push(image);
-        disk1DataBytes = dataBytes;
+      // disk0 read whole; disk1 as a backup reads, through block status.
+      const images: Buffer[] = [];
+      let disk1DataBytes = 0;
+      for (const [index, disk] of vmDisks.entries()) {
+        await using diskExport = await fleece.exportDisk(disk, index);
+        if (index === 0) {
+          images.push(await readPaced(diskExport.socketPath, diskExport.exportName, 40));
+        } else {
+          const { image, dataBytes } = await readDataRegions(diskExport.socketPath, diskExport.exportName, 40);
+          images.push(image);
+          disk1DataBytes = dataBytes;
+        }
       }
-    }
-    await fleece.verifyIntact();
-    const readDoneAt = performance.now();
-    const completedBeforeRelease = writers.map((writer) => writer.completed);
-    const stats = await fleece.release();
-    const completedAfterRelease = writers.map((writer) => writer.completed);
-    assert.deepEqual(await fleece.release(), stats, 'release is idempotent');
-    await fleece[Symbol.asyncDispose]();
+      assert.ok(fleece.verifyIntact, 'QEMU fleecing can lose its point in time: it offers verifyIntact');
+      await fleece.verifyIntact();
+      const readDoneAt = performance.now();
+      const completedBeforeRelease = writers.map((writer) => writer.completed);
+      const releaseCalledAt = performance.now();
+      const stats = await fleece.release();
+      const releaseMs = performance.now() - releaseCalledAt;
+      const completedAfterRelease = writers.map((writer) => writer.completed);
+      assert.deepEqual(await fleece.release(), stats, 'release is idempotent');
+      await fleece[Symbol.asyncDispose]();
+      assert.deepEqual(catalog.listVmSnapshotLedger(target.name), [], 'the ledger row is cleared');
+      return { images, disk1DataBytes, before, afterStart, startCalledAt, startReturnedAt, readDoneAt, completedBeforeRelease, completedAfterRelease, stats, releaseMs };
+    });
 
-    const cuts = writers.map((writer, index) => writer.cutOf(images[index]!));
+    const cuts = writers.map((writer, index) => writer.cutOf(run.images[index]!));
     for (const [index, writer] of writers.entries()) {
       const cut = cuts[index]!;
-      assert.equal(pointInTimeDifference(writer, images[index]!, cut), undefined, `disk${index} reads as the guest's disk after write ${cut} (writes around the start: ${before[index]}…${afterStart[index]})`);
-      assert.ok(cut >= before[index]! && cut <= afterStart[index]!, `disk${index}: cut ${cut} within [${before[index]}, ${afterStart[index]}] (the writes around the start)`);
+      assert.equal(pointInTimeDifference(writer, run.images[index]!, cut), undefined, `disk${index} reads as the guest's disk after write ${cut}`);
+      assert.equal(sha256(run.images[index]!), sha256(writer.expectedAt(cut)), `disk${index}: hash of what was read = hash of the point in time`);
+      assert.ok(cut >= run.before[index]! && cut <= run.afterStart[index]!, `disk${index}: cut ${cut} within [${run.before[index]}, ${run.afterStart[index]}] (the writes around the start)`);
     }
-    // disk1 holds 2 MiB of data and a 16 MiB region the guest writes in; the rest (14 MiB) was never written.
-    assert.ok(disk1DataBytes >= 2 * MiB && disk1DataBytes <= 18 * MiB, `block status skipped disk1's holes (${disk1DataBytes} bytes of data read)`);
-    // One instant for both disks: the instants each cut allows overlap, and overlap the start call.
+    assert.ok(run.disk1DataBytes >= 2 * MiB && run.disk1DataBytes <= 18 * MiB, `block status skipped disk1's holes (${run.disk1DataBytes} bytes of data read)`);
+    // One instant for both disks, inside the quiesced window: the instants each cut allows overlap the freeze…thaw.
+    assert.equal(quiesceAt.freeze.length, 1, 'frozen once');
+    assert.equal(quiesceAt.thaw.length, 1, 'thawed once');
+    const [frozenAt, thawedAt] = [quiesceAt.freeze[0]!, quiesceAt.thaw[0]!];
+    assert.ok(run.startCalledAt < frozenAt && frozenAt < thawedAt && thawedAt < run.startReturnedAt, 'freeze, then thaw, inside the start');
     const [low0, high0] = instantsOf(writers[0]!, cuts[0]!);
     const [low1, high1] = instantsOf(writers[1]!, cuts[1]!);
-    assert.ok(Math.max(low0, low1, startCalledAt) < Math.min(high0, high1, startReturnedAt), `the cuts allow one common instant: disk0 (${low0}, ${high0}), disk1 (${low1}, ${high1})`);
+    assert.ok(Math.max(low0, low1, frozenAt) < Math.min(high0, high1, thawedAt), `the cuts allow one common instant while frozen: disk0 (${low0}, ${high0}), disk1 (${low1}, ${high1}), frozen (${frozenAt}, ${thawedAt})`);
 
     // What the guest overwrote after the cut: each first write to a block that held data costs one 64 KiB copy.
-    const copiedAtLeast = writers.reduce((sum, writer, index) => sum + overwrittenDataBlocks(writer, cuts[index]!, completedBeforeRelease[index]!), 0) * blockBytes;
-    const copiedAtMost = writers.reduce((sum, writer, index) => sum + overwrittenDataBlocks(writer, cuts[index]!, completedAfterRelease[index]! + 1), 0) * blockBytes;
+    const copiedAtLeast = writers.reduce((sum, writer, index) => sum + overwrittenDataBlocks(writer, cuts[index]!, run.completedBeforeRelease[index]!), 0) * blockBytes;
+    const copiedAtMost = writers.reduce((sum, writer, index) => sum + overwrittenDataBlocks(writer, cuts[index]!, run.completedAfterRelease[index]! + 1), 0) * blockBytes;
     assert.ok(copiedAtLeast > 4 * MiB, `the guest overwrote ${copiedAtLeast} bytes of the point in time's data`);
-    assert.ok(stats.scratchBytes >= copiedAtLeast && stats.scratchBytes <= copiedAtMost + 2 * MiB, `scratch ${stats.scratchBytes} bytes for ${copiedAtLeast}–${copiedAtMost} bytes of data overwritten`);
+    assert.ok(run.stats.scratchBytes >= copiedAtLeast && run.stats.scratchBytes <= copiedAtMost + 2 * MiB, `scratch ${run.stats.scratchBytes} bytes for ${copiedAtLeast}–${copiedAtMost} bytes of data overwritten`);
 
-    assert.equal(ledger.rows.size, 0, 'the ledger row is cleared');
     await assertNothingLeft();
     await assertGuestLostNothing();
 
     const baseline = writers[0]!.latenciesMs(baselineFrom, baselineTo);
-    const during = writers[0]!.latenciesMs(startReturnedAt, readDoneAt);
-    const writtenBytes = writers.reduce((sum, _writer, index) => sum + (completedBeforeRelease[index]! - cuts[index]!), 0) * blockBytes;
+    const during = writers[0]!.latenciesMs(run.startReturnedAt, run.readDoneAt);
+    const writtenBytes = writers.reduce((sum, _writer, index) => sum + (run.completedBeforeRelease[index]! - cuts[index]!), 0) * blockBytes;
     console.log(
       [
-        `fleecing of 2 disks (${diskBytes.map((size) => size / MiB).join(' + ')} MiB):`,
-        `  start ${fmt(startReturnedAt - startCalledAt)} ms, of which the transaction ${fmt(fleece.transactionMs)} ms; release ${fmt(stats.releaseMs)} ms; lifetime ${fmt(stats.lifetimeMs)} ms`,
-        `  read of ${diskBytes.reduce((a, b) => a + b) / MiB} MiB took ${fmt(readDoneAt - startReturnedAt)} ms; the guest wrote ${(writtenBytes / MiB).toFixed(2)} MiB meanwhile, ${(copiedAtLeast / MiB).toFixed(2)} MiB of it over distinct blocks of the point in time's data; scratch at release ${(stats.scratchBytes / MiB).toFixed(2)} MiB`,
+        `fleecing of 2 disks (${diskBytes.map((size) => size / MiB).join(' + ')} MiB) through the Hypervisor interface:`,
+        `  start ${fmt(run.startReturnedAt - run.startCalledAt)} ms (frozen ${fmt(thawedAt - frozenAt)} ms); release ${fmt(run.releaseMs)} ms; lifetime ${fmt(run.stats.lifetimeMs)} ms`,
+        `  read of ${diskBytes.reduce((a, b) => a + b) / MiB} MiB took ${fmt(run.readDoneAt - run.startReturnedAt)} ms; the guest wrote ${(writtenBytes / MiB).toFixed(2)} MiB meanwhile, ${(copiedAtLeast / MiB).toFixed(2)} MiB of it over distinct blocks of the point in time's data; scratch at release ${(run.stats.scratchBytes / MiB).toFixed(2)} MiB`,
         `  guest write latency (disk0, 64 KiB), reader on the live disk, no fleecing: p50 ${fmt(SteadyWriter.percentile(baseline, 0.5))} ms, p99 ${fmt(SteadyWriter.percentile(baseline, 0.99))} ms (${baseline.length} writes)`,
         `  guest write latency (disk0, 64 KiB), fleecing, reader on the export:    p50 ${fmt(SteadyWriter.percentile(during, 0.5))} ms, p99 ${fmt(SteadyWriter.percentile(during, 0.99))} ms (${during.length} writes)`,
-        `  read scheme ${fleece.readScheme}; on-cbw-error=break-snapshot taken by blockdev-backup: ${fleece.breakSnapshotSupported}`,
       ].join('\n'),
     );
   });
 
-  test('bitmap rotations in the transaction: the frozen bitmap covers exactly the writes before the cut', async () => {
+  test('through the Hypervisor interface: changed-block tracking rotates its bitmaps at the fleecing instant', async () => {
     const writer = writers[0]!;
-    const disk = disks[0]!;
-    const frozen = 'snapshift-0123456789abcdef-aaaaaaaa';
-    const started = 'snapshift-0123456789abcdef-bbbbbbbb';
-    const sinceWrite = await writer.stop(); // nothing in flight while the bitmap starts
-    await qmp.execute('block-dirty-bitmap-add', { node: disk.nodeName, name: frozen, persistent: true });
     writer.start();
-    await sleep(400);
-    const ledger = new MemoryLedger();
-    const fleece = await startQemuFleecing(qmp, [disk], {
-      tag: newTag(),
-      ledger,
-      dirtyBitmaps: [{ nodeName: disk.nodeName, freeze: frozen, start: { name: started, persistent: true } }],
-      nbdServerSocketPath: daemon.nbdSocketPath,
-    });
-    let image: Buffer;
-    let dirty: Array<{ offset: number; length: number }>;
-    try {
-      await using diskExport = await fleece.exportDisk(disk, 0, { exportName: 'pit-cbt', socketPath: join(workspace.dir, 'unused.sock'), bitmaps: [frozen] });
-      image = await readPaced(diskExport.socketPath, diskExport.exportName, 10);
-      await using source = await NbdDiskSource.openBitmap(diskExport.socketPath, diskExport.exportName, frozen);
-      dirty = await source.dirtyRegions(frozen);
-      await fleece.verifyIntact();
-    } finally {
-      await fleece.release();
-    }
-    const cut = writer.cutOf(image);
-    assert.equal(SteadyWriter.firstDifference(image, writer.expectedAt(cut)), undefined, 'the point in time');
+    await sleep(200);
+    const chainKey = '0123456789abcdef';
+    const disk0Only = (disks: VmDisk[]) => disks.filter((disk) => disk.name === 'disk0');
+    /** One backup's worth: plan, fleece (rotations in its transaction), read the image and the changed regions, release, finish. */
+    const backup = (latest: CbtPlanInput['latest']) =>
+      throughVm(async (vm) => {
+        const disks = disk0Only(await vm.listDisks());
+        const sessionId = randomUUID();
+        const tag = sessionId.slice(0, 8);
+        const plan = await vm.planChangedBlocks(disks, { latest, chainKey, tag, runDir });
+        await using fleece = await vm.startFleecing(disks, { tag, ledger: vmSnapshotLedger(catalog, target, sessionId), runDir, cbt: plan });
+        let changed: Array<{ offset: number; length: number }> | undefined;
+        const readPlan = plan.readPlans.get('disk0')!;
+        if (readPlan.kind === 'changed') changed = await readPlan.source.changedRegions();
+        await using diskExport = await fleece.exportDisk(disks[0]!, 0);
+        const image = await readPaced(diskExport.socketPath, diskExport.exportName, 10);
+        await fleece.verifyIntact?.();
+        await fleece.release();
+        assert.deepEqual(await plan.finish(true), [], 'bitmaps cleaned up');
+        return { image, changed, record: plan.record };
+      });
+
+    const first = await backup(undefined);
+    assert.equal(first.changed, undefined, 'the first backup reads in full');
+    const cut1 = writer.cutOf(first.image);
+    assert.equal(pointInTimeDifference(writer, first.image, cut1), undefined, 'the first point in time');
+    await sleep(600);
+    const second = await backup({ id: 'first-restore-point', extra: { cbt: first.record } });
+    const cut2 = writer.cutOf(second.image);
+    assert.equal(pointInTimeDifference(writer, second.image, cut2), undefined, 'the second point in time');
     const expected = new Set<number>();
-    for (let n = sinceWrite + 1; n <= cut; n++) expected.add(writer.offsetOf(n));
+    for (let n = cut1 + 1; n <= cut2; n++) expected.add(writer.offsetOf(n));
     const marked = new Set<number>();
-    for (const region of dirty) for (let at = region.offset; at < region.offset + region.length; at += blockBytes) marked.add(at);
-    assert.ok(expected.size > 10, `the guest wrote ${expected.size} blocks between the bitmaps`);
-    assert.deepEqual([...marked].sort((a, b) => a - b), [...expected].sort((a, b) => a - b), `the frozen bitmap marks exactly writes ${sinceWrite + 1}…${cut}`);
+    for (const region of second.changed ?? []) for (let at = region.offset; at < region.offset + region.length; at += blockBytes) marked.add(at);
+    assert.ok(expected.size > 10, `the guest wrote ${expected.size} blocks between the two fleecings`);
+    assert.deepEqual([...marked].sort((a, b) => a - b), [...expected].sort((a, b) => a - b), `the first fleecing's bitmap marks exactly writes ${cut1 + 1}…${cut2}: it started at the first cut and froze at the second`);
 
     const last = await writer.stop();
-    const bitmaps = await listDirtyBitmaps(qmp, disk.nodeName);
-    const next = bitmaps.find((bitmap) => bitmap.name === started)!;
-    assert.equal(bitmaps.find((bitmap) => bitmap.name === frozen)?.recording, false, 'the frozen bitmap stopped recording at the cut');
-    assert.ok(next.recording, 'the new bitmap records');
-    assert.equal(next.count, distinctBlocks(writer, cut, last) * blockBytes, `the new bitmap marks exactly writes ${cut + 1}…${last}`);
-    for (const name of [frozen, started]) await qmp.execute('block-dirty-bitmap-remove', { node: disk.nodeName, name });
+    const bitmaps = await listDirtyBitmaps(qmp, 'disk0');
+    const secondRecord = second.record as { disks: Record<string, { bitmap: string }> };
+    const tracking = bitmaps.find((bitmap) => bitmap.name === secondRecord.disks['disk0']!.bitmap);
+    assert.deepEqual(bitmaps.map((bitmap) => bitmap.name), [secondRecord.disks['disk0']!.bitmap], 'only the second fleecing\'s bitmap is left');
+    assert.ok(tracking?.recording, 'it records');
+    assert.equal(tracking.count, distinctBlocks(writer, cut2, last) * blockBytes, `it marks exactly writes ${cut2 + 1}…${last}: it started at the second cut`);
+    await qmp.execute('block-dirty-bitmap-remove', { node: 'disk0', name: tracking.name });
     await assertNothingLeft();
     await assertGuestLostNothing();
   });
@@ -465,6 +514,97 @@ describe('fleecing on qemu-storage-daemon (a backup job\'s copy-before-write fil
       assert.ok(scratch!.every(({ scratchPath }) => !existsSync(scratchPath)), `${what}: no scratch file`);
       await assertNothingLeft();
     }
+    await assertGuestLostNothing();
+  });
+
+  /** Starts test/support/fleece-vm-child.ts (fleecing of both disks, disk 0 exported) and waits until it let go of QMP. */
+  async function startFleecingChild(sessionId: string): Promise<{ pid: number; exited: Promise<NodeJS.Signals | null>; output: () => string }> {
+    await qmp.close(); // the child's turn on the monitor
+    const child = spawn(process.execPath, ['--import', 'tsx', 'test/support/fleece-vm-child.ts', join(workspace.dir, 'home'), target.name, sessionId, runDir], { stdio: ['pipe', 'pipe', 'pipe'] });
+    let output = '';
+    child.stdout.on('data', (chunk: Buffer) => (output += chunk.toString()));
+    child.stderr.on('data', (chunk: Buffer) => (output += chunk.toString()));
+    const exited = new Promise<NodeJS.Signals | null>((resolve) => child.on('exit', (_code, signal) => resolve(signal)));
+    const waitFor = async (word: string): Promise<void> => {
+      for (const deadline = Date.now() + 30_000; !output.includes(word); await sleep(20)) {
+        if (child.exitCode !== null || Date.now() > deadline) throw new Error(`fleecing child: no ${word} (${output.trim()})`);
+      }
+    };
+    await waitFor('EXPORTED');
+    child.stdin.write('close\n');
+    await waitFor('CLOSED');
+    qmp = await QmpClient.connect(daemon.qmpSocketPath);
+    return { pid: child.pid!, exited, output: () => output };
+  }
+
+  /** What of fleecing `tag` QEMU and the disks' folder still hold. */
+  async function fleecingOf(tag: string): Promise<{ jobs: string[]; nodes: string[]; scratchFiles: string[] }> {
+    const jobs = (await qmp.execute<Array<{ device: string }>>('query-block-jobs')).map((job) => job.device).filter((id) => id.includes(tag));
+    const nodes = [...(await blockNodeNames(qmp))].filter((name) => name.includes(tag)).sort();
+    const scratchFiles = (await readdir(join(workspace.dir, 'disks'))).filter((name) => name.includes(tag)).sort();
+    return { jobs, nodes, scratchFiles };
+  }
+
+  test('through the Hypervisor interface: a task SIGKILLed with fleecing active; the hunt spares it while its owner runs, then removes scratch images and filters (ledger row, or by name when the row is lost) while the guest writes on', async () => {
+    for (const writer of writers) writer.start();
+    const withRow = randomUUID();
+    const withRowTag = withRow.slice(0, 8);
+    const child = await startFleecingChild(withRow);
+    const fleecing = await fleecingOf(withRowTag);
+    assert.equal(fleecing.jobs.length, 2, 'a job (and its copy-before-write filter) per disk');
+    assert.equal(fleecing.scratchFiles.length, 2, 'a scratch image per disk');
+
+    await qmp.close(); // the hunt's turn
+    const whileAlive = [...(await huntVmSnapshots(catalog)), ...(await huntOverlaysOnHosts(catalog))];
+    assert.deepEqual(whileAlive, [], 'nothing of a running session is touched');
+    qmp = await QmpClient.connect(daemon.qmpSocketPath);
+    assert.deepEqual(await fleecingOf(withRowTag), fleecing, 'its fleecing is all there');
+
+    process.kill(child.pid, 'SIGKILL');
+    assert.equal(await child.exited, 'SIGKILL', child.output());
+    const writesAtKill = writers.map((writer) => writer.completed);
+    await qmp.close();
+    const dryRun = await huntVmSnapshots(catalog, { dryRun: true });
+    assert.deepEqual(dryRun.map((action) => action.action), ['removed-fleecing', 'removed-fleecing'], JSON.stringify(dryRun));
+    assert.equal(catalog.listVmSnapshotLedger(target.name).length, 1, 'a dry run keeps the row');
+    qmp = await QmpClient.connect(daemon.qmpSocketPath);
+    assert.deepEqual(await fleecingOf(withRowTag), fleecing, 'and changes nothing in QEMU or on disk');
+
+    await qmp.close();
+    const huntStartedAt = performance.now();
+    const hunted = await huntVmSnapshots(catalog);
+    const huntMs = performance.now() - huntStartedAt;
+    assert.deepEqual(hunted.map((action) => [action.action, basename(action.overlayPath)]), fleecing.scratchFiles.map((file) => ['removed-fleecing', file]), JSON.stringify(hunted));
+    assert.match(hunted[0]!.detail, new RegExp(`job snapshift-${withRowTag}-fleece-0`));
+    assert.deepEqual(catalog.listVmSnapshotLedger(target.name), [], 'the row is cleared');
+    assert.deepEqual(await huntOverlaysOnHosts(catalog), [], 'nothing left for the host hunt');
+    qmp = await QmpClient.connect(daemon.qmpSocketPath);
+    await assertNothingLeft();
+
+    // The row lost (say, a catalog restored from a backup): the host hunt finds the fleecing by its names.
+    const lostRow = randomUUID();
+    const lostRowTag = lostRow.slice(0, 8);
+    const second = await startFleecingChild(lostRow);
+    process.kill(second.pid, 'SIGKILL');
+    assert.equal(await second.exited, 'SIGKILL', second.output());
+    for (const entry of catalog.listVmSnapshotLedger(target.name)) catalog.clearLedgerEntry(entry.id);
+    const before = await fleecingOf(lostRowTag);
+    await qmp.close();
+    const dryHostHunt = await huntOverlaysOnHosts(catalog, { dryRun: true });
+    assert.deepEqual(dryHostHunt.map((action) => action.action), ['removed-fleecing'], JSON.stringify(dryHostHunt));
+    qmp = await QmpClient.connect(daemon.qmpSocketPath);
+    assert.deepEqual(await fleecingOf(lostRowTag), before, 'a dry run changes nothing');
+    await qmp.close();
+    const hostHunt = await huntOverlaysOnHosts(catalog);
+    assert.deepEqual(hostHunt.map((action) => action.action), ['removed-fleecing'], JSON.stringify(hostHunt));
+    assert.match(hostHunt[0]!.detail, new RegExp(`fleecing ${lostRowTag} .*job snapshift-${lostRowTag}-fleece-0.*scratch image`));
+    qmp = await QmpClient.connect(daemon.qmpSocketPath);
+    await assertNothingLeft();
+
+    // The guest never noticed: it wrote on through both kills and both hunts, and lost nothing.
+    await writers[0]!.waitForWrites(writers[0]!.completed + 20);
+    assert.ok(writers.every((writer, index) => writer.completed > writesAtKill[index]! + 20), 'the guest kept writing');
+    console.log(`hunt of a killed task's fleecing (2 disks) from its ledger row: ${fmt(huntMs)} ms`);
     await assertGuestLostNothing();
   });
 });
