@@ -21,7 +21,7 @@ export const defaultLabDir = '.snapshift-lab';
  *   <lab>/mnt/xfs                  XFS (reflink=1) mount; VM disks in vms/, snapshots go to snaps/
  *   <lab>/images/zfs.img           sparse file of the ZFS pool (when `lab zfs up` made one)
  *   <lab>/mnt/zfs                  the pool's root (zfs-fuse mounts it); VM disks in the dataset <pool>/vms at vms/
- *   <lab>/vms/<name>/              a VM's runtime files: qmp.sock, ctl.sock, console.log, qemu.log, pid
+ *   <lab>/vms/<name>/              a VM's runtime files: qmp.sock, lab-qmp.sock, ctl.sock, console.log, qemu.log, pid
  *   <lab>/cache/                   guest kernel and initramfs (or $SNAPSHIFT_LAB_CACHE, shared between labs)
  *   <lab>/tmp/                     scratch (the random seed of a new disk, before it becomes qcow2)
  */

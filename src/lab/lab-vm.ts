@@ -33,6 +33,8 @@ export class LabVm implements AsyncDisposable {
   readonly pid: number;
   readonly runDir: string;
   readonly qmpSocketPath: string;
+  /** A second QMP monitor for tests, usable while the engine holds `qmpSocketPath`. */
+  readonly labQmpSocketPath: string;
   readonly controlSocketPath: string;
   readonly consoleLogPath: string;
   /** Block node names and qdev id (see guestBlockNames). */
@@ -49,6 +51,7 @@ export class LabVm implements AsyncDisposable {
     this.pid = process.pid;
     this.runDir = runDir;
     this.qmpSocketPath = files.qmpSocket;
+    this.labQmpSocketPath = files.labQmpSocket;
     this.controlSocketPath = files.controlSocket;
     this.consoleLogPath = files.consoleLog;
     this.blockNames = guestBlockNames(vm.name);

@@ -30,9 +30,10 @@ export function guestBlockNames(vmName: string): { fileNode: string; formatNode:
 }
 
 /** Files of a running guest, all in its run folder. */
-export function guestRunFiles(runDir: string): { qmpSocket: string; controlSocket: string; consoleLog: string; qemuLog: string; pidFile: string } {
+export function guestRunFiles(runDir: string): { qmpSocket: string; labQmpSocket: string; controlSocket: string; consoleLog: string; qemuLog: string; pidFile: string } {
   return {
     qmpSocket: path.join(runDir, 'qmp.sock'),
+    labQmpSocket: path.join(runDir, 'lab-qmp.sock'),
     controlSocket: path.join(runDir, 'ctl.sock'),
     consoleLog: path.join(runDir, 'console.log'),
     qemuLog: path.join(runDir, 'qemu.log'),
@@ -67,6 +68,8 @@ export function guestQemuArgs(launch: GuestLaunch): string[] {
     '-serial', `file:${files.consoleLog}`,
     '-chardev', `socket,id=ctl,path=${files.controlSocket},server=on,wait=off`, '-serial', 'chardev:ctl',
     '-qmp', `unix:${files.qmpSocket},server=on,wait=off`,
+    // A second monitor for tests (pause and resume the guest) while the engine holds the first: QMP serves one client per socket.
+    '-qmp', `unix:${files.labQmpSocket},server=on,wait=off`,
     '-blockdev', `driver=file,node-name=${names.fileNode},filename=${launch.diskPath},cache.direct=off`,
     '-blockdev', `driver=qcow2,node-name=${names.formatNode},file=${names.fileNode},cache.direct=off`,
     '-device', `virtio-blk-pci,drive=${names.formatNode},id=${names.qdevId}`,
@@ -83,7 +86,7 @@ export const qemuProgram = 'qemu-system-x86_64';
 export async function launchGuestQemu(args: readonly string[], runDir: string): Promise<number> {
   const files = guestRunFiles(runDir);
   await fs.mkdir(runDir, { recursive: true });
-  for (const file of [files.qmpSocket, files.controlSocket, files.consoleLog, files.qemuLog, files.pidFile]) await fs.rm(file, { force: true });
+  for (const file of [files.qmpSocket, files.labQmpSocket, files.controlSocket, files.consoleLog, files.qemuLog, files.pidFile]) await fs.rm(file, { force: true });
   const log = openSync(files.qemuLog, 'a');
   try {
     const child = spawn(qemuProgram, args, { detached: true, stdio: ['ignore', log, log] });
