@@ -1,21 +1,23 @@
-// Fleecing (copy-before-write, no delta file, no commit) on a real qemu-storage-daemon while a guest writes
-// 64 KiB every ~10 ms: the image read through the export is the guest's disk at the instant of the start,
-// on every disk at once; the guest never fails a write and loses none; release (and the hunter, after a
-// SIGKILL) leaves no job, export, node, scratch file or ledger row. Prints the measurements the design
-// rests on (transaction and release time, scratch size against what the guest overwrote, write latency).
+// Fleecing (copy-before-write, no delta file, no commit). On a real qemu-storage-daemon while a "guest" writes
+// 64 KiB every ~10 ms through NBD: the image read through the export is the guest's disk at the instant of the
+// start, on every disk at once (through the Hypervisor interface: openVm(...).startFleecing, quiesced, with CBT
+// bitmaps rotated at that instant); the guest never fails a write and loses none; release (and the hunt, after
+// a SIGKILL) leaves no job, export, node, scratch file or ledger row. Then on a real TCG guest, which runs no
+// NBD server of its own. Prints the measurements the design rests on (start and release time, scratch size
+// against what the guest overwrote, write latency).
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { mkdir, readdir } from 'node:fs/promises';
-import { basename, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { Catalog, type VmTarget } from '../../src/catalog/index.ts';
 import { exec } from '../../src/core/exec.ts';
 import type { FaultPoint } from '../../src/core/fault-points.ts';
 import { NbdClient } from '../../src/datamover/nbd/index.ts';
 import { NbdDiskSource } from '../../src/datamover/nbd-disk-source.ts';
-import type { CbtPlanInput, HypervisorVm, VmDisk } from '../../src/hypervisor/hypervisor.ts';
+import type { CbtPlanInput, FleeceStats, HypervisorVm, VmDisk } from '../../src/hypervisor/hypervisor.ts';
 import { openVm } from '../../src/hypervisor/registry.ts';
 import { blockNodeNames } from '../../src/hypervisor/qemu/block-graph.ts';
 import { listDirtyBitmaps } from '../../src/hypervisor/qemu/dirty-bitmaps.ts';
@@ -24,11 +26,12 @@ import { startQemuFleecing, type FleeceScratch, type FleecingLedger } from '../.
 import { listQemuDisks } from '../../src/hypervisor/qemu/qemu-vm.ts';
 import { QmpClient } from '../../src/hypervisor/qemu/qmp-client.ts';
 import { StorageDaemon } from '../../src/lab/storage-daemon.ts';
+import { withLab, type LabVm } from '../../src/lab/index.ts';
 import { vmSnapshotLedger } from '../../src/processing/regular-mode.ts';
 import { huntOverlaysOnHosts, huntVmSnapshots } from '../../src/processing/snapshot-hunter.ts';
 import { hasCode } from '../support/assertions.ts';
 import { SteadyWriter } from '../support/steady-writer.ts';
-import { makeWorkspace } from '../support/workspace.ts';
+import { makeWorkspace, md5OfImage } from '../support/workspace.ts';
 
 const MiB = 1024 * 1024;
 const blockBytes = 64 * 1024;
@@ -119,6 +122,47 @@ function pointInTimeDifference(writer: SteadyWriter, image: Buffer, cut: number)
     if (got !== want || !image.subarray(offset, offset + writer.blockBytes).equals(expected.subarray(offset, offset + writer.blockBytes))) blocks.push(`block ${index}: write ${got}, write ${want} expected`);
   }
   return `differs at ${at}; ${blocks.join('; ')}`;
+}
+
+interface FleecingChild {
+  pid: number;
+  exited: Promise<NodeJS.Signals | null>;
+  output: () => string;
+}
+
+/**
+ * A backup task's fleecing in a child process (test/support/fleece-vm-child.ts): resolves once it has
+ * started fleecing, exported disk 0 and let go of QMP, and runs on until killed.
+ */
+async function startFleecingTask(home: string, vmName: string, sessionId: string, runDir: string): Promise<FleecingChild> {
+  const child = spawn(process.execPath, ['--import', 'tsx', 'test/support/fleece-vm-child.ts', home, vmName, sessionId, runDir], { stdio: ['pipe', 'pipe', 'pipe'] });
+  let output = '';
+  child.stdout.on('data', (chunk: Buffer) => (output += chunk.toString()));
+  child.stderr.on('data', (chunk: Buffer) => (output += chunk.toString()));
+  const exited = new Promise<NodeJS.Signals | null>((resolve) => child.on('exit', (_code, signal) => resolve(signal)));
+  const waitFor = async (word: string): Promise<void> => {
+    for (const deadline = Date.now() + 30_000; !output.includes(word); await sleep(20)) {
+      if (child.exitCode !== null || Date.now() > deadline) throw new Error(`fleecing child: no ${word} (${output.trim()})`);
+    }
+  };
+  await waitFor('EXPORTED');
+  child.stdin.write('close\n');
+  await waitFor('CLOSED');
+  return { pid: child.pid!, exited, output: () => output };
+}
+
+/** md5 of a whole export, read in 4 MiB pieces with `pauseMs` between them. */
+async function md5OfExport(socketPath: string, exportName: string, pauseMs: number): Promise<string> {
+  await using nbd = await NbdClient.connect({ socketPath, exportName });
+  const hash = createHash('md5');
+  const piece = Buffer.alloc(4 * MiB);
+  for (let at = 0; at < nbd.sizeBytes; at += piece.length) {
+    const part = piece.subarray(0, Math.min(piece.length, nbd.sizeBytes - at));
+    await nbd.readInto(at, part);
+    hash.update(part);
+    if (pauseMs > 0) await sleep(pauseMs);
+  }
+  return hash.digest('hex');
 }
 
 function sha256(data: Buffer): string {
@@ -518,23 +562,11 @@ describe('fleecing on qemu-storage-daemon (a backup job\'s copy-before-write fil
   });
 
   /** Starts test/support/fleece-vm-child.ts (fleecing of both disks, disk 0 exported) and waits until it let go of QMP. */
-  async function startFleecingChild(sessionId: string): Promise<{ pid: number; exited: Promise<NodeJS.Signals | null>; output: () => string }> {
+  async function startFleecingChild(sessionId: string): Promise<FleecingChild> {
     await qmp.close(); // the child's turn on the monitor
-    const child = spawn(process.execPath, ['--import', 'tsx', 'test/support/fleece-vm-child.ts', join(workspace.dir, 'home'), target.name, sessionId, runDir], { stdio: ['pipe', 'pipe', 'pipe'] });
-    let output = '';
-    child.stdout.on('data', (chunk: Buffer) => (output += chunk.toString()));
-    child.stderr.on('data', (chunk: Buffer) => (output += chunk.toString()));
-    const exited = new Promise<NodeJS.Signals | null>((resolve) => child.on('exit', (_code, signal) => resolve(signal)));
-    const waitFor = async (word: string): Promise<void> => {
-      for (const deadline = Date.now() + 30_000; !output.includes(word); await sleep(20)) {
-        if (child.exitCode !== null || Date.now() > deadline) throw new Error(`fleecing child: no ${word} (${output.trim()})`);
-      }
-    };
-    await waitFor('EXPORTED');
-    child.stdin.write('close\n');
-    await waitFor('CLOSED');
+    const child = await startFleecingTask(join(workspace.dir, 'home'), target.name, sessionId, runDir);
     qmp = await QmpClient.connect(daemon.qmpSocketPath);
-    return { pid: child.pid!, exited, output: () => output };
+    return child;
   }
 
   /** What of fleecing `tag` QEMU and the disks' folder still hold. */
@@ -606,5 +638,110 @@ describe('fleecing on qemu-storage-daemon (a backup job\'s copy-before-write fil
     assert.ok(writers.every((writer, index) => writer.completed > writesAtKill[index]! + 20), 'the guest kept writing');
     console.log(`hunt of a killed task's fleecing (2 disks) from its ledger row: ${fmt(huntMs)} ms`);
     await assertGuestLostNothing();
+  });
+});
+
+describe('fleecing a real TCG guest through the Hypervisor interface (a VM runs no NBD server: its exports share the one we start)', () => {
+  // The guest lives inside the lab, so the lab's own teardown ends it.
+  const lab = withLab();
+  let workspace: Awaited<ReturnType<typeof makeWorkspace>>;
+  let catalog: Catalog;
+  let target: VmTarget;
+  let vm: LabVm;
+  let labQmp: QmpClient;
+  let runDir: string;
+  const home = () => join(workspace.dir, 'home');
+
+  before(async () => {
+    workspace = await makeWorkspace('fleece-vm');
+    await mkdir(home());
+    runDir = join(workspace.dir, 'run');
+    await mkdir(runDir);
+    catalog = Catalog.open(home());
+    await lab().createVm('f1', { datastore: 'btrfs', sizeBytes: 256 * MiB, fillBytes: 64 * MiB });
+    vm = await lab().startVm('f1', { rateMiBps: 4 });
+    target = catalog.addQemuVm({ name: 'f1', qmpSocketPath: vm.qmpSocketPath });
+    await vm.waitForHeartbeats(2, 20_000);
+    labQmp = await QmpClient.connect(vm.labQmpSocketPath);
+  });
+
+  after(async () => {
+    await labQmp?.close();
+    catalog?.close();
+    await workspace?.cleanup();
+  });
+
+  const writesSoFar = async (): Promise<number> => (await vm.heartbeats()).at(-1)?.writes ?? 0;
+  /** The guest's disk is its own node again: no filter, job, node or scratch file of ours. */
+  async function assertVmBackToItsDisk(): Promise<void> {
+    const [device] = await labQmp.execute<Array<{ inserted?: { 'node-name': string } }>>('query-block');
+    assert.equal(device?.inserted?.['node-name'], vm.blockNames.formatNode, 'the guest device reads its own disk node');
+    assert.deepEqual(await labQmp.execute('query-block-jobs'), [], 'no job');
+    assert.deepEqual([...(await blockNodeNames(labQmp))].filter((name) => name.startsWith('snapshift-')), [], 'no node of ours');
+    assert.deepEqual(await labQmp.execute('query-block-exports'), [], 'no export');
+    assert.deepEqual((await readdir(dirname(vm.diskPath))).filter((name) => name.startsWith('snapshift-')), [], 'no scratch file');
+  }
+
+  test('the point in time is hash-exact while the guest writes; two exports of it at once, the first disposed first; the guest runs on', async () => {
+    // "Quiescing" by pausing the guest: QEMU drains and flushes on stop, so a reflink copy of the image then is
+    // the point in time the fleecing transaction (run between freeze and thaw) must serve.
+    const reference = join(lab().datastore('btrfs').mountPoint, 'reference.qcow2');
+    const quiesce = {
+      freeze: async () => {
+        await labQmp.execute('stop');
+        await exec('cp', ['--reflink=always', vm.diskPath, reference]);
+      },
+      thaw: async () => void (await labQmp.execute('cont')),
+    };
+    const writesBefore = await writesSoFar();
+    const sessionId = randomUUID();
+    let md5: string;
+    let stats: FleeceStats;
+    let socketPath: string;
+    {
+      await using hypervisorVm = await openVm(target);
+      const disks = await hypervisorVm.listDisks();
+      assert.deepEqual(disks.map((disk) => disk.name), ['vda']);
+      await using fleece = await hypervisorVm.startFleecing(disks, { tag: sessionId.slice(0, 8), ledger: vmSnapshotLedger(catalog, target, sessionId), runDir, quiesce });
+      assert.equal((await labQmp.execute<{ status: string }>('query-status')).status, 'running', 'thawed: the guest runs');
+      assert.deepEqual((await hypervisorVm.listDisks()).map((disk) => disk.nodeName), [vm.blockNames.formatNode], 'the disk is listed under its filter');
+      const first = await fleece.exportDisk(disks[0]!, 0);
+      const second = await fleece.exportDisk(disks[0]!, 0);
+      socketPath = second.socketPath;
+      assert.equal(first.socketPath, second.socketPath, 'one NBD server for both');
+      assert.ok(socketPath.startsWith(runDir), `the server we started, on a socket in runDir (${socketPath})`);
+      await first[Symbol.asyncDispose]();
+      md5 = await md5OfExport(second.socketPath, second.exportName, 25); // paced: the guest writes meanwhile
+      await fleece.verifyIntact?.();
+      stats = await fleece.release();
+    }
+    assert.equal(md5, await md5OfImage(reference, 'qcow2', workspace.dir), 'what was read is the guest\'s disk at the point in time');
+    assert.ok(stats.scratchBytes > 0, `the guest overwrote data of the point in time while it was read (scratch ${stats.scratchBytes} bytes)`);
+    assert.equal(existsSync(socketPath), false, 'our NBD server went with the last export');
+    assert.deepEqual(catalog.listVmSnapshotLedger(), [], 'no ledger row');
+    await assertVmBackToItsDisk();
+    const writesAfter = await writesSoFar();
+    for (const deadline = Date.now() + 10_000; (await writesSoFar()) <= writesAfter && Date.now() < deadline; ) await sleep(200);
+    assert.ok((await writesSoFar()) > writesAfter && writesAfter > writesBefore, 'the guest wrote during and after the fleecing');
+    console.log(`real guest: fleecing lifetime ${fmt(stats.lifetimeMs)} ms, scratch ${(stats.scratchBytes / MiB).toFixed(2)} MiB`);
+  });
+
+  test('a task SIGKILLed with fleecing of the VM active: the hunt removes scratch image and filter; the guest runs on, writing, and loses nothing', async () => {
+    const sessionId = randomUUID();
+    const child = await startFleecingTask(home(), target.name, sessionId, runDir);
+    assert.equal((await labQmp.execute<unknown[]>('query-block-jobs')).length, 1, 'fleecing runs');
+    process.kill(child.pid, 'SIGKILL');
+    assert.equal(await child.exited, 'SIGKILL', child.output());
+    const hunted = await huntVmSnapshots(catalog);
+    assert.deepEqual(hunted.map((action) => [action.action, basename(action.overlayPath)]), [['removed-fleecing', `snapshift-${sessionId.slice(0, 8)}-fleece-0.qcow2`]], JSON.stringify(hunted));
+    assert.deepEqual(catalog.listVmSnapshotLedger(), [], 'the row is cleared');
+    await assertVmBackToItsDisk();
+    const writesAfterHunt = await writesSoFar();
+    for (const deadline = Date.now() + 10_000; (await writesSoFar()) <= writesAfterHunt && Date.now() < deadline; ) await sleep(200);
+    assert.ok((await writesSoFar()) > writesAfterHunt, 'the guest writes on');
+    // The killed task's NBD server (in runDir) still runs in QEMU: the next task on this runDir adopts it.
+    await labQmp.close();
+    const stopped = await vm.stop();
+    assert.equal(await md5OfImage(vm.diskPath, 'qcow2', workspace.dir), stopped.md5, 'the image holds exactly what the guest wrote, to its last write');
   });
 });
