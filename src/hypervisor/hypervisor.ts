@@ -127,18 +127,13 @@ export interface Fleece extends AsyncDisposable {
   readonly takenAt: Date;
   /** A read-only NBD export of one disk at the point in time. */
   exportDisk(disk: VmDisk, index: number): Promise<DiskExport>;
-  /**
-   * Throws unless the point in time held all along (an adapter may give it up so the guest can keep writing,
-   * or the hypervisor may end it behind our back, and exports may then read the live disk). Call it after the
-   * last read and before the restore point's manifest is written. Adapters whose point in time cannot be lost
-   * omit it.
-   */
-  verifyIntact?(): Promise<void>;
   /** Ends the fleecing (idempotent) and removes its scratch images. */
   release(): Promise<FleeceStats>;
   /**
    * Throws when the fleecing no longer holds the point in time (its scratch filled up or failed, so a guest
    * write went through unsaved): what was read is then not one instant. Called after the copy, before release.
+   * Also when the hypervisor ended it behind our back, or the adapter gave it up so the guest could keep
+   * writing (scratch space low). Adapters whose point in time cannot be lost omit it.
    */
   verifyIntact?(): Promise<void>;
 }
