@@ -641,6 +641,53 @@ describe('fleecing on qemu-storage-daemon (a backup job\'s copy-before-write fil
   });
 });
 
+describe('the hunt of a fleecing whose QEMU is gone', () => {
+  let workspace: Awaited<ReturnType<typeof makeWorkspace>>;
+  let daemon: StorageDaemon;
+  let catalog: Catalog;
+
+  before(async () => {
+    workspace = await makeWorkspace('fleece-gone');
+    await mkdir(join(workspace.dir, 'home'));
+    await mkdir(join(workspace.dir, 'disks'));
+    await exec('qemu-img', ['create', '-q', '-f', 'qcow2', join(workspace.dir, 'disks', 'disk0.qcow2'), String(16 * MiB)]);
+    daemon = await StorageDaemon.start({ dir: workspace.dir, images: [{ path: join(workspace.dir, 'disks', 'disk0.qcow2'), format: 'qcow2', nodeName: 'disk0' }] });
+    catalog = Catalog.open(join(workspace.dir, 'home'));
+    catalog.addQemuVm({ name: 'gone', qmpSocketPath: daemon.qmpSocketPath, nbdSocketPath: daemon.nbdSocketPath });
+  });
+
+  after(async () => {
+    catalog?.close();
+    await daemon?.kill();
+    await workspace?.cleanup();
+  });
+
+  test('a scratch image some process still holds stays with its row; once nobody holds it, it is deleted and the row cleared', async () => {
+    const sessionId = randomUUID();
+    const child = await startFleecingTask(join(workspace.dir, 'home'), 'gone', sessionId, join(workspace.dir, 'run'));
+    process.kill(child.pid, 'SIGKILL');
+    await child.exited;
+    const scratchPath = join(workspace.dir, 'disks', `snapshift-${sessionId.slice(0, 8)}-fleece-0.qcow2`);
+    // QEMU stops answering but lives on (SIGSTOP): it still holds the scratch image open.
+    process.kill(daemon.pid, 'SIGSTOP');
+    try {
+      const held = await huntVmSnapshots(catalog);
+      assert.deepEqual(held.map((action) => action.action), ['left-in-place'], JSON.stringify(held));
+      assert.match(held[0]!.detail, /holds the scratch image open/);
+      assert.ok(existsSync(scratchPath), 'the scratch image stays');
+      assert.equal(catalog.listVmSnapshotLedger().length, 1, 'and so does the row');
+    } finally {
+      process.kill(daemon.pid, 'SIGCONT');
+    }
+    await daemon.kill(); // QEMU gone: nobody holds the scratch image any more
+    const hunted = await huntVmSnapshots(catalog);
+    assert.deepEqual(hunted.map((action) => [action.action, action.overlayPath]), [['removed-fleecing', scratchPath]], JSON.stringify(hunted));
+    assert.match(hunted[0]!.detail, /QEMU is not running/);
+    assert.equal(existsSync(scratchPath), false, 'the scratch image is deleted');
+    assert.deepEqual(catalog.listVmSnapshotLedger(), [], 'the row is cleared');
+  });
+});
+
 describe('fleecing a real TCG guest through the Hypervisor interface (a VM runs no NBD server: its exports share the one we start)', () => {
   // The guest lives inside the lab, so the lab's own teardown ends it.
   const lab = withLab();
