@@ -28,7 +28,7 @@ const password = 'fault-points';
 const diskBytes = 64 * MiB;
 const everyPoint = process.env['SNAPSHIFT_FAULTS'] === 'all';
 
-type Mode = 'regular' | 'storage-snapshot';
+type Mode = 'regular' | 'storage-snapshot' | 'fleecing';
 
 /** Points a backup meets in each mode, in order; the subset `npm test` runs is marked. */
 const backupPoints: Record<Mode, Array<{ point: FaultPoint; quick?: true }>> = {
@@ -77,6 +77,22 @@ const backupPoints: Record<Mode, Array<{ point: FaultPoint; quick?: true }>> = {
     { point: 'cbt.after-finish' },
     { point: 'storage-snapshot.after-copy', quick: true },
     { point: 'storage-snapshot.after-removal' },
+  ],
+  // No delta and no commit: what a kill can leave is the copy-before-write filter, its job and scratch image.
+  fleecing: [
+    { point: 'backup.after-writer-start' },
+    { point: 'fleece.after-ledger-intent' },
+    { point: 'fleece.transaction-sent', quick: true },
+    { point: 'fleece.after-start' },
+    { point: 'copy.export-added' },
+    { point: 'copy.mid-copy', quick: true },
+    { point: 'copy.after-copy' },
+    { point: 'fleece.before-release', quick: true },
+    { point: 'repo.after-index-write' },
+    { point: 'repo.before-manifest-rename' },
+    { point: 'repo.after-manifest-rename' },
+    { point: 'cbt.after-finish' },
+    { point: 'backup.after-catalog-record' },
   ],
 };
 
@@ -153,6 +169,7 @@ describe('crash safety: SIGKILL at every fault point', () => {
     const found: string[] = [];
     const folder = join(vm.imagePath, '..');
     for (const name of readdirSync(folder)) if (/-\d{5}\.qcow2$/.test(name)) found.push(`overlay file ${name}`);
+    for (const name of readdirSync(folder)) if (/^snapshift-.*fleece.*\.qcow2$/.test(name)) found.push(`fleecing scratch ${name}`);
     {
       await using qmp = await QmpClient.connect(vm.daemon.qmpSocketPath);
       const nodes = await qmp.execute<Array<{ 'node-name': string }>>('query-named-block-nodes', { flat: true });
@@ -268,9 +285,9 @@ describe('crash safety: SIGKILL at every fault point', () => {
   // Registered after our own `after`, so the daemons holding files on the datastore are gone before it runs.
   const lab = withLab();
 
-  for (const mode of ['regular', 'storage-snapshot'] as const) {
+  for (const mode of ['regular', 'storage-snapshot', 'fleecing'] as const) {
     describe(`${mode} mode`, () => {
-      const vmName = `f-${mode === 'regular' ? 'reg' : 'stor'}`;
+      const vmName = `f-${mode === 'regular' ? 'reg' : mode === 'fleecing' ? 'fleece' : 'stor'}`;
       let vm: Awaited<ReturnType<typeof startVm>>;
       const mount = () => (mode === 'storage-snapshot' ? lab().datastore('btrfs').mountPoint : undefined);
 
