@@ -63,6 +63,18 @@ export const errorCodes = {
   FLEECING_BROKEN: { exitStatus: failed, meaning: 'fleecing gave up its point in time so the guest could keep writing (scratch space ran low, or its job ended)' },
   FLEECING_RELEASE_FAILED: { exitStatus: failed, meaning: 'fleecing could not be fully removed from QEMU (snapshift hunt retries)' },
 
+  // Hypervisor: libvirt (through virsh)
+  LIBVIRT_CONNECT_FAILED: { exitStatus: failed, meaning: 'virsh cannot reach the libvirt daemon at the host\'s URI (is libvirtd running, is the socket path right?)' },
+  LIBVIRT_DOMAIN_UNKNOWN: { exitStatus: failed, meaning: 'libvirt knows no domain of that name or UUID' },
+  LIBVIRT_COMMAND_FAILED: { exitStatus: failed, meaning: 'libvirt refused a virsh command; its error line is in the message' },
+  LIBVIRT_BLOCK_JOB_ACTIVE: { exitStatus: failed, meaning: 'a disk already has a block job (a commit a stopped run left behind: snapshift hunt finishes it)' },
+  LIBVIRT_NO_JOB: { exitStatus: failed, meaning: 'the domain has no job (backup) of the kind asked for' },
+  LIBVIRT_CHECKPOINT_UNKNOWN: { exitStatus: failed, meaning: 'the domain has no checkpoint of that name' },
+  LIBVIRT_CHECKPOINT_INCONSISTENT: { exitStatus: failed, meaning: 'a checkpoint\'s dirty bitmap is missing or broken (QEMU was killed): delete the checkpoints and take a full backup' },
+  LIBVIRT_BACKUP_SCRATCH_EXISTS: { exitStatus: failed, meaning: 'a backup\'s scratch file already exists (a previous backup job is still ending, or left it)' },
+  LIBVIRT_AGENT_UNAVAILABLE: { exitStatus: failed, meaning: 'the domain\'s QEMU guest agent is not configured or not connected' },
+  LIBVIRT_OUTPUT_UNPARSABLE: { exitStatus: failed, meaning: 'virsh printed something snapshift cannot read (a libvirt version it does not know?)' },
+
   // Data mover: NBD
   NBD_SERVER_BUSY: { exitStatus: failed, meaning: 'QEMU already runs an NBD server whose socket snapshift does not know (host add --nbd-socket)' },
   NBD_CONNECT_FAILED: { exitStatus: failed, meaning: 'the NBD socket cannot be reached' },
@@ -144,6 +156,7 @@ export const errorCodes = {
   LAB_VM_NOT_RUNNING: { exitStatus: failed, meaning: 'the lab VM is not running' },
   LAB_VM_FAILED: { exitStatus: failed, meaning: 'a lab guest stopped unexpectedly' },
   LAB_ZFS_FAILED: { exitStatus: failed, meaning: 'the lab\'s ZFS pool or daemon failed' },
+  LAB_LIBVIRT_FAILED: { exitStatus: failed, meaning: 'the lab\'s own libvirtd or virtlogd did not start or stop cleanly' },
   LAB_CEPH_NOT_UP: { exitStatus: failed, meaning: 'no lab Ceph is up' },
   LAB_CEPH_FAILED: { exitStatus: failed, meaning: 'a lab Ceph daemon exited' },
   CEPH_COMMAND_FAILED: { exitStatus: failed, meaning: 'a ceph or rbd command of the lab failed' },
