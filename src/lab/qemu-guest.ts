@@ -64,7 +64,7 @@ export function guestQemuArgs(launch: GuestLaunch): string[] {
     '-smp', '1', '-m', String(launch.memoryMiB ?? 256),
     '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
     '-kernel', launch.kernelPath, '-initrd', launch.initramfsPath,
-    '-append', `console=ttyS0 quiet panic=-1 lab.rate=${launch.rateMiBps} lab.bs=64 lab.secs=0 lab.direct=1 lab.md5=1`,
+    '-append', guestKernelCommandLine(launch.rateMiBps),
     '-serial', `file:${files.consoleLog}`,
     '-chardev', `socket,id=ctl,path=${files.controlSocket},server=on,wait=off`, '-serial', 'chardev:ctl',
     '-qmp', `unix:${files.qmpSocket},server=on,wait=off`,
@@ -74,6 +74,11 @@ export function guestQemuArgs(launch: GuestLaunch): string[] {
     '-blockdev', `driver=qcow2,node-name=${names.formatNode},file=${names.fileNode},cache.direct=off`,
     '-device', `virtio-blk-pci,drive=${names.formatNode},id=${names.qdevId}`,
   ];
+}
+
+/** The guest kernel's command line: console on ttyS0 and the workload's knobs (guest-init-script.ts). */
+export function guestKernelCommandLine(rateMiBps: number): string {
+  return `console=ttyS0 quiet panic=-1 lab.rate=${rateMiBps} lab.bs=64 lab.secs=0 lab.direct=1 lab.md5=1`;
 }
 
 export const qemuProgram = 'qemu-system-x86_64';
