@@ -21,3 +21,7 @@ export type { CephUpOptions, CephStatus, CephDownReport } from './ceph.ts';
 export { withCeph } from './with-ceph.ts';
 export type { TestLabOptions } from './with-lab.ts';
 // The guest-less disk (qemu-storage-daemon + NBD) is re-exported here once ./storage-daemon.ts lands.
+export { LabLibvirt, libvirtSocketPath, libvirtUri } from './lab-libvirt.ts';
+export type { LabLibvirtOptions, LabLibvirtStopReport } from './lab-libvirt.ts';
+export { LabDomain, labDomainXml, labDomainFiles, labGuestBoot } from './lab-libvirt-domain.ts';
+export type { LabDomainOptions, LabDomainDisk, LabGuestBoot } from './lab-libvirt-domain.ts';
