@@ -151,7 +151,9 @@ export class LabLibvirt implements AsyncDisposable {
     const state = await readState(dir);
     if (state) {
       const libvirtd = state.processes.find((p) => p.label === libvirtdLabel);
-      if (libvirtd && (await isOwnedProcessAlive(libvirtd))) report.destroyedDomains.push(...(await destroyAllDomains(dir)));
+      // Without its socket the daemon never served a client (it died or was stopped while starting): it runs
+      // no domain, and virsh could not reach it anyway.
+      if (libvirtd && (await isOwnedProcessAlive(libvirtd)) && (await pathExists(libvirtSocketPath(dir)))) report.destroyedDomains.push(...(await destroyAllDomains(dir)));
       for (const label of [libvirtdLabel, virtlogdLabel, holderLabel]) {
         const record = state.processes.find((p) => p.label === label);
         if (record && (await endOwnedProcess(record, { graceMs: 5000 }))) report.endedPids.push(record.pid);
@@ -243,10 +245,23 @@ async function waitForCmdline(record: ProcessRecord, timeoutMs: number): Promise
   const deadline = Date.now() + timeoutMs;
   while (!(await isOwnedProcessAlive(record))) {
     const now = await readCmdline(record.pid);
-    if (now === undefined || Date.now() > deadline) {
-      throw new SnapshiftError('LAB_LIBVIRT_FAILED', `${record.label} (pid ${record.pid}) ${now === undefined ? 'exited at start' : `runs as "${now.join(' ')}", not as started`}`);
+    // An empty cmdline is also what /proc shows for a moment inside execve (nsenter becoming libvirtd, slow
+    // on a cold page cache): only a process that is gone (or a zombie) has exited.
+    const exited = now === undefined && (await hasExited(record.pid));
+    if (exited || Date.now() > deadline) {
+      throw new SnapshiftError('LAB_LIBVIRT_FAILED', `${record.label} (pid ${record.pid}) ${exited ? 'exited at start' : now === undefined ? 'did not finish starting' : `runs as "${now.join(' ')}", not as started`}`);
     }
     await sleep(20);
+  }
+}
+
+/** True when `pid` no longer runs: no /proc entry, or a zombie waiting to be reaped. */
+async function hasExited(pid: number): Promise<boolean> {
+  try {
+    const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z');
+  } catch {
+    return true;
   }
 }
 
