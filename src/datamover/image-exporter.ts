@@ -14,6 +14,11 @@ export interface ImageExportOptions {
   runDir: string;
   exportName: string;
   readyTimeoutMs?: number;
+  /**
+   * Open without image locks (QEMU `force-share`), for an image a running VM holds: the frozen base under a
+   * libvirt VM snapshot, which that QEMU still reads and will write when the snapshot is committed.
+   */
+  forceShare?: boolean;
 }
 
 /**
@@ -23,8 +28,9 @@ export interface ImageExportOptions {
 export async function exportImageReadOnly(options: ImageExportOptions): Promise<DiskExport> {
   const socketPath = join(options.runDir, `${options.exportName}.nbd.sock`);
   await rm(socketPath, { force: true });
-  const file = { ...protocolOptionsOf(options.imagePath), 'read-only': true };
-  const node = options.format === 'raw' ? { ...file, 'node-name': 'image' } : { driver: options.format, 'node-name': 'image', 'read-only': true, file };
+  const shared = options.forceShare ? { 'force-share': true } : {};
+  const file = { ...protocolOptionsOf(options.imagePath), 'read-only': true, ...shared };
+  const node = options.format === 'raw' ? { ...file, 'node-name': 'image' } : { driver: options.format, 'node-name': 'image', 'read-only': true, ...shared, file };
   // setpriv --pdeathsig: the kernel kills the daemon when we die, even by SIGKILL, so a crashed backup
   // never leaves a daemon holding the storage snapshot open (which would also block its removal).
   const daemon = start('setpriv', [

@@ -236,8 +236,12 @@ export interface PullBackupSpec {
   incremental?: string;
   /** The NBD server's unix socket (libvirt creates it; it must not exist). */
   socketPath: string;
-  /** Disks to export, each with its scratch file (copy-before-write target). */
-  disks: ReadonlyArray<{ name: string; scratchPath: string }>;
+  /**
+   * Disks to export, each with its scratch file (copy-before-write target); `incremental` makes that disk's
+   * export carry the changes since that checkpoint (per disk, formatbackup.html "backupmode") while the
+   * others are full.
+   */
+  disks: ReadonlyArray<{ name: string; scratchPath: string; incremental?: string }>;
   /** Disks not to export: libvirt exports every disk not named `backup='no'`. */
   excludedDisks?: readonly string[];
 }
@@ -246,7 +250,10 @@ export interface PullBackupSpec {
 export function pullBackupXml(spec: PullBackupSpec): string {
   const incremental = spec.incremental ? `  <incremental>${xmlEscape(spec.incremental)}</incremental>\n` : '';
   const disks = [
-    ...spec.disks.map((disk) => `    <disk name='${xmlEscape(disk.name)}' backup='yes' type='file'><scratch file='${xmlEscape(disk.scratchPath)}'/></disk>`),
+    ...spec.disks.map((disk) => {
+      const mode = disk.incremental === undefined ? '' : ` backupmode='incremental' incremental='${xmlEscape(disk.incremental)}'`;
+      return `    <disk name='${xmlEscape(disk.name)}' backup='yes'${mode} type='file'><scratch file='${xmlEscape(disk.scratchPath)}'/></disk>`;
+    }),
     ...(spec.excludedDisks ?? []).map((name) => `    <disk name='${xmlEscape(name)}' backup='no'/>`),
   ];
   return `<domainbackup mode='pull'>\n${incremental}  <server transport='unix' socket='${xmlEscape(spec.socketPath)}'/>\n  <disks>\n${disks.join('\n')}\n  </disks>\n</domainbackup>\n`;

@@ -52,6 +52,13 @@ export interface LibvirtBlockListEntry {
   source: string | undefined;
 }
 
+/** One row set of `domblkinfo`, in bytes. */
+export interface LibvirtBlockInfo {
+  capacityBytes: number;
+  allocationBytes: number | undefined;
+  physicalBytes: number | undefined;
+}
+
 export interface DiskOverlaySpec {
   /** Disk target (`vda`). */
   disk: string;
@@ -133,9 +140,24 @@ export class Virsh {
     return domains.map((domain) => ({ ...domain, state: states.get(domain.name) ?? 'no-state' }));
   }
 
-  /** The domain XML, live (with backing chains, block job mirrors, aliases) or `inactive` (the definition). */
-  domainXml(domain: string, options: CallOptions & { inactive?: boolean } = {}): Promise<string> {
-    return this.run(['dumpxml', domain, ...(options.inactive ? ['--inactive'] : [])], options);
+  /**
+   * The domain XML, live (with backing chains, block job mirrors, aliases) or `inactive` (the definition);
+   * `migratable` leaves out what only this run of the domain has, so the text can be defined again elsewhere.
+   */
+  domainXml(domain: string, options: CallOptions & { inactive?: boolean; migratable?: boolean } = {}): Promise<string> {
+    return this.run(['dumpxml', domain, ...(options.inactive ? ['--inactive'] : []), ...(options.migratable ? ['--migratable'] : [])], options);
+  }
+
+  /** `domblkinfo --bytes`: a disk's virtual size, the bytes allocated to it, and its image's physical size. */
+  async blockInfo(domain: string, disk: string, options: CallOptions = {}): Promise<LibvirtBlockInfo> {
+    const fields = new Map<string, number>();
+    for (const line of (await this.run(['domblkinfo', domain, disk], options)).split('\n')) {
+      const match = /^(\w+):\s+(\d+)$/.exec(line.trim());
+      if (match) fields.set(match[1]!, Number(match[2]));
+    }
+    const capacity = fields.get('Capacity');
+    if (capacity === undefined) throw new SnapshiftError('LIBVIRT_OUTPUT_UNPARSABLE', `virsh domblkinfo printed no Capacity for disk ${disk} of ${domain}`);
+    return { capacityBytes: capacity, allocationBytes: fields.get('Allocation'), physicalBytes: fields.get('Physical') };
   }
 
   /** The domain's name, UUID and disks from its live XML. */
@@ -180,8 +202,10 @@ export class Virsh {
    * (`blockcommit --active --pivot --wait`). Refused with LIBVIRT_BLOCK_JOB_ACTIVE when a job already runs
    * on the disk (e.g. a commit whose waiter died): finish that one with `finishActiveCommit`.
    */
-  async blockCommitActive(domain: string, disk: string, options: CallOptions & { bandwidthMiBps?: number } = {}): Promise<void> {
+  async blockCommitActive(domain: string, disk: string, options: CallOptions & { bandwidthMiBps?: number; base?: string } = {}): Promise<void> {
     const args = ['blockcommit', domain, disk, '--active', '--pivot', '--wait'];
+    // Without --base libvirt merges the whole chain into its bottom image (a template under the disk, too).
+    if (options.base !== undefined) args.push('--base', options.base);
     if (options.bandwidthMiBps !== undefined) args.push('--bandwidth', String(options.bandwidthMiBps));
     await this.run(args, { timeoutMs: 30 * 60_000, ...options });
   }
