@@ -74,6 +74,8 @@ export const errorCodes = {
   LIBVIRT_BACKUP_SCRATCH_EXISTS: { exitStatus: failed, meaning: 'a backup\'s scratch file already exists (a previous backup job is still ending, or left it)' },
   LIBVIRT_AGENT_UNAVAILABLE: { exitStatus: failed, meaning: 'the domain\'s QEMU guest agent is not configured or not connected' },
   LIBVIRT_OUTPUT_UNPARSABLE: { exitStatus: failed, meaning: 'virsh printed something snapshift cannot read (a libvirt version it does not know?)' },
+  LEDGER_ENTRY_BAD: { exitStatus: failed, meaning: 'a VM-snapshot ledger row lacks what its hypervisor adapter needs to undo it (written by another version?)' },
+  VM_UUID_MISMATCH: { exitStatus: failed, meaning: 'the VM on its host has another UUID than the one registered (a different VM took its name): check it, then register it again' },
 
   // Data mover: NBD
   NBD_SERVER_BUSY: { exitStatus: failed, meaning: 'QEMU already runs an NBD server whose socket snapshift does not know (host add --nbd-socket)' },

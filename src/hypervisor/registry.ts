@@ -1,11 +1,13 @@
 import type { HostKind, HostRecord, VmTarget } from '../catalog/catalog.ts';
 import { SnapshiftError } from '../core/errors.ts';
 import type { Hypervisor, HypervisorVm } from './hypervisor.ts';
+import { libvirtHypervisor } from './libvirt/libvirt-hypervisor.ts';
 import { qemuHypervisor } from './qemu/qemu-hypervisor.ts';
 
 /** Every hypervisor adapter, by host kind: adding one is one line here and its own folder. */
 const hypervisors: Record<string, Hypervisor> = {
   qemu: qemuHypervisor,
+  libvirt: libvirtHypervisor,
 };
 
 export function hostKinds(): HostKind[] {
