@@ -1,4 +1,5 @@
 import { rm } from 'node:fs/promises';
+import { createConnection } from 'node:net';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import { SnapshiftError } from '../core/errors.ts';
@@ -80,10 +81,22 @@ async function waitForSocket(socketPath: string, daemon: ChildProcess, timeoutMs
     if (daemon.exitCode !== null) {
       throw new SnapshiftError('IMAGE_EXPORT_FAILED', `qemu-storage-daemon could not serve the image: ${stderr().trim().split('\n').at(-1) ?? `exit ${daemon.exitCode}`}`);
     }
-    if (await isSocket(socketPath)) return;
+    // QEMU binds the socket before it listens: a connect in between is refused, so only a connect proves it ready.
+    if ((await isSocket(socketPath)) && (await acceptsConnections(socketPath))) return;
     await new Promise((resolve) => setTimeout(resolve, 10));
   }
   throw new SnapshiftError('IMAGE_EXPORT_FAILED', `qemu-storage-daemon did not open ${socketPath} within ${timeoutMs} ms`);
+}
+
+function acceptsConnections(socketPath: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const probe = createConnection(socketPath);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
 }
 
 async function stopDaemon(daemon: ChildProcess): Promise<void> {
