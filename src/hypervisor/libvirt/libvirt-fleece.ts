@@ -87,6 +87,14 @@ class LibvirtFleece implements Fleece {
     return { socketPath: this.socketPath, exportName: disk.name, async [Symbol.asyncDispose]() {} };
   }
 
+  /** The job must still run: one that ended (aborted by someone, or failed) no longer served a single instant. */
+  async verifyIntact(): Promise<void> {
+    const job = await this.virsh.backupJob(this.domain);
+    if (job?.server?.socketPath === this.socketPath) return;
+    const ended = await this.virsh.jobInfo(this.domain, { completed: true }).catch(() => undefined);
+    throw new SnapshiftError('FLEECING_BROKEN', `the fleecing job of ${this.domain} ended before the copy finished${ended?.errorMessage ? ` (libvirt: ${ended.errorMessage})` : ''}: what was read is not one point in time`);
+  }
+
   release(): Promise<FleeceStats> {
     this.#release ??= this.#releaseNow();
     return this.#release;
