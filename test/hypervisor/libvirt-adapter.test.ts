@@ -22,9 +22,12 @@ import { openVm } from '../../src/hypervisor/registry.ts';
 import { LabDomain, labGuestBoot, type LabGuestBoot } from '../../src/lab/lab-libvirt-domain.ts';
 import { LabLibvirt } from '../../src/lab/lab-libvirt.ts';
 import { useSharedTestCache } from '../../src/lab/with-lab.ts';
+import { runBackup } from '../../src/processing/backup-run.ts';
+import { initRepository, openRepository } from '../../src/repository/index.ts';
+import { restoreDisk } from '../../src/restore/disk-restore.ts';
 import { vmSnapshotLedger } from '../../src/processing/regular-mode.ts';
 import { huntOverlaysOnHosts, huntVmSnapshots } from '../../src/processing/snapshot-hunter.ts';
-import { makeWorkspace } from '../support/workspace.ts';
+import { makeWorkspace, md5File } from '../support/workspace.ts';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -302,6 +305,43 @@ describe('the libvirt hypervisor adapter, on the lab libvirtd', { skip }, () => 
     assert.deepEqual(catalog.listVmSnapshotLedger(vmName), []);
     assert.deepEqual(await plan.finish(true), []);
     assert.equal((await virsh.checkpointNames(vmName)).length, 1);
+  });
+
+  test('through runBackup: regular, regular incremental and fleecing incremental restore points of the libvirt VM restore to their instants', async (t) => {
+    await initRepository(join(workspace.dir, 'repo'), { password: 'test-password', encryption: true });
+    await using repository = await openRepository(join(workspace.dir, 'repo'), { password: 'test-password' });
+    for (const [round, mode] of (['regular', 'regular', 'fleecing'] as const).entries()) {
+      await domain.writePattern('vdb', (15 + round) * MiB, 64 * KiB, 0xa0 + round);
+      let reference: Buffer[] = [];
+      const run = await runBackup({
+        vms: [catalog.getVm(vmName)!],
+        mode,
+        repository,
+        catalog,
+        runDir,
+        hooks: {
+          beforeVmSnapshots: async () => {
+            reference = await pauseAndReadDisks();
+          },
+          afterVmSnapshots: () => virsh.run(['resume', vmName]).then(() => undefined),
+        },
+      });
+      const outcome = run.outcomes[0]!;
+      assert.equal(outcome.error, undefined, outcome.error?.stack);
+      const { restorePoint, stats } = outcome.result!;
+      t.diagnostic(`${mode} #${round + 1}: ${Math.round(stats.durationMs)} ms, read ${(stats.readBytes / MiB).toFixed(1)} MiB, cbt ${stats.disks.map((disk) => `${disk.name}=${disk.cbtSource}`).join(' ')}`);
+      assert.deepEqual(stats.disks.map((disk) => disk.cbtSource), round === 0 ? ['none', 'none'] : ['bitmap', 'bitmap']);
+      for (const [index, disk] of ['vda', 'vdb'].entries()) {
+        const restored = join(workspace.dir, `restored-${disk}.raw`);
+        const reader = await repository.openRestorePoint(restorePoint.id);
+        await restoreDisk(reader, disk, restored, { format: 'raw', force: true, chunkSizeBytes: repository.chunkSizeBytes });
+        assert.equal(await md5File(restored), md5(reference[index]!), `${mode} #${round + 1}: ${disk} restores to its instant`);
+        await rm(restored);
+      }
+    }
+    assert.deepEqual((await virsh.disks(vmName)).map((disk) => disk.path), images());
+    assert.equal(await virsh.backupJob(vmName), undefined);
+    assert.deepEqual(catalog.listVmSnapshotLedger(vmName), []);
   });
 
   /** Runs test/support/libvirt-child.ts until it says PAUSED, then SIGKILLs it (by its PID). */
