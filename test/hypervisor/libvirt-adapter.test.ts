@@ -392,4 +392,31 @@ describe('the libvirt hypervisor adapter, on the lab libvirtd', { skip }, () => 
     assert.equal(await virsh.backupJob(vmName), undefined);
     assert.ok(await domain.isRunning(), 'the guest ran through all of it');
   });
+
+  test('the hunter: a commit job a dead task left running is finished and pivoted; the overlays of a domain that is gone are committed offline', async () => {
+    const disks = await vm.listDisks();
+    const { sessionId, tag } = newTag();
+    const vmSnapshot = await vm.snapshot(disks, { tag, ledger: vmSnapshotLedger(catalog, target, sessionId) });
+    await domain.writePattern('vdb', 24 * MiB, 4 * MiB, 0x4c);
+    // As a task that died while waiting for its commits: the jobs run on, slowly, and nobody pivots them.
+    for (const disk of ['vda', 'vdb']) await virsh.run(['blockcommit', vmName, disk, '--active', '--bandwidth', '1']);
+    assert.ok(await virsh.blockJob(vmName, 'vdb'));
+    const [row] = catalog.listVmSnapshotLedger(vmName);
+    const actions = await huntVmSnapshots(catalog, { includeEntries: [row!.id] });
+    assert.deepEqual(actions.map((action) => [action.action, action.detail.includes('finished the commit job')]), [['committed-live', true], ['committed-live', true]]);
+    assert.deepEqual((await virsh.disks(vmName)).map((disk) => disk.path), images());
+    assert.deepEqual(vmSnapshot.overlays.filter((overlay) => existsSync(overlay.overlayPath)), []);
+    assert.deepEqual(catalog.listVmSnapshotLedger(vmName), []);
+
+    const second = newTag();
+    const left = await vm.snapshot(disks, { tag: second.tag, ledger: vmSnapshotLedger(catalog, target, second.sessionId) });
+    await domain.writePattern('vdb', 28 * MiB, 64 * KiB, 0x5d);
+    await domain.destroy();
+    const [gone] = catalog.listVmSnapshotLedger(vmName);
+    assert.deepEqual((await huntVmSnapshots(catalog, { includeEntries: [gone!.id] })).map((action) => action.action), ['committed-offline', 'committed-offline']);
+    assert.deepEqual(left.overlays.filter((overlay) => existsSync(overlay.overlayPath)), []);
+    const { stdout } = await exec('qemu-io', ['-f', 'qcow2', '-c', `read -P 0x5d ${28 * MiB} ${64 * KiB}`, images()[1]!]);
+    assert.doesNotMatch(stdout, /Pattern verification failed/, 'the write made on the overlay is in the base');
+    assert.deepEqual(catalog.listVmSnapshotLedger(vmName), []);
+  });
 });

@@ -82,13 +82,14 @@ export async function repairLibvirtLedgerEntry(virsh: Virsh, entry: VmSnapshotLe
     // The ledger's overlays name no disk (QEMU rows have none): the disk running on the overlay is the one.
     const disk = now.kind === 'running' ? now.disks.find((candidate) => candidate.path === overlay.overlayPath) : undefined;
     if (disk) {
+      const jobLeft = disk.mirror !== undefined || (await virsh.blockJob(domainName, disk.target).catch(() => undefined)) !== undefined;
       try {
         if (!options.dryRun) {
           faultPoint('hunt.before-commit');
           await commitLibvirtOverlay(virsh, domainName, { diskName: disk.target, overlayPath: overlay.overlayPath, baseNodeName: overlay.baseNodeName });
           await rm(overlay.overlayPath, { force: true });
         }
-        actions.push({ ...base, action: 'committed-live', detail: `blockcommit --active --pivot of ${disk.target} into ${overlay.baseNodeName}${disk.mirror ? ' (finished the commit job the task had started)' : ''}` });
+        actions.push({ ...base, action: 'committed-live', detail: `blockcommit --active --pivot of ${disk.target} into ${overlay.baseNodeName}${jobLeft ? ' (finished the commit job the task had started)' : ''}` });
       } catch (error) {
         actions.push({ ...base, action: 'left-in-place', detail: `could not commit: ${messageOf(error)}` });
       }

@@ -90,7 +90,7 @@ async function undoFailedSnapshot(virsh: Virsh, domain: string, overlays: readon
 export async function commitLibvirtOverlay(virsh: Virsh, domain: string, overlay: Pick<VmSnapshotOverlay, 'diskName' | 'overlayPath' | 'baseNodeName'>): Promise<boolean> {
   const disk = (await virsh.disks(domain)).find((candidate) => candidate.target === overlay.diskName);
   if (disk?.path !== overlay.overlayPath) return false;
-  if (disk.mirror !== undefined) {
+  if (disk.mirror !== undefined || (await virsh.blockJob(domain, overlay.diskName)) !== undefined) {
     // A commit a killed task started goes on in libvirt: finish it rather than being refused a second one.
     await virsh.finishActiveCommit(domain, overlay.diskName);
   } else {
