@@ -419,4 +419,30 @@ describe('the libvirt hypervisor adapter, on the lab libvirtd', { skip }, () => 
     assert.doesNotMatch(stdout, /Pattern verification failed/, 'the write made on the overlay is in the base');
     assert.deepEqual(catalog.listVmSnapshotLedger(vmName), []);
   });
+
+  test('CBT across restarts: a checkpoint libvirt cannot start a job from (base committed offline, QEMU SIGKILLed) means a full read with the reason, and the next backup is incremental again', async (t) => {
+    const start = () => LabDomain.start(virsh, { name: vmName, uuid, disks: images().map((path) => ({ path })), runDir: join(workspace.dir, 'dom'), guest, guestAgent: true });
+    domain = await start();
+    // The transient domain lost its checkpoint metadata (redefined from the record), and the base was written by
+    // qemu-img commit while its bitmap was not recording: libvirt refuses the checkpoint.
+    const afterOffline = await backupOnce({ marks: [['vdb', 30 * MiB, 0x31]] });
+    assert.deepEqual(afterOffline.result.map((disk) => disk.plan), ['full', 'full']);
+    assert.match(afterOffline.result[1]!.fallbackReason ?? '', /^checkpoint snapshift-0123456789abcdef-\w+ cannot be used \(.*(inconsistent|broken)/);
+    t.diagnostic(`after the offline commit: ${afterOffline.result[1]!.fallbackReason}`);
+    const recovered = await backupOnce({ marks: [['vdb', 30 * MiB, 0x32]] });
+    assert.deepEqual(recovered.result.map((disk) => disk.plan), ['changed', 'changed']);
+    assert.ok(covers(recovered.result[1]!.regions!, 30 * MiB, 64 * KiB));
+
+    const qemuPid = Number(readFileSync(join(libvirt.dir, 'run', 'qemu', `${vmName}.pid`), 'utf8').trim());
+    process.kill(qemuPid, 'SIGKILL');
+    for (let i = 0; i < 100 && (await virsh.listDomains()).length > 0; i++) await new Promise((resolve) => setTimeout(resolve, 100));
+    domain = await start();
+    const afterKill = await backupOnce({ marks: [['vdb', 31 * MiB, 0x33]] });
+    assert.deepEqual(afterKill.result.map((disk) => disk.plan), ['full', 'full']);
+    t.diagnostic(`after QEMU was SIGKILLed: ${afterKill.result[1]!.fallbackReason}`);
+    const again = await backupOnce({ marks: [['vdb', 29 * MiB, 0x34]] });
+    assert.deepEqual(again.result.map((disk) => disk.plan), ['changed', 'changed']);
+    assert.ok(covers(again.result[1]!.regions!, 29 * MiB, 64 * KiB));
+    assert.equal((await virsh.checkpointNames(vmName)).filter((name) => name.includes(chainKey)).length, 1);
+  });
 });
