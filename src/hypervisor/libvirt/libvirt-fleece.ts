@@ -1,5 +1,6 @@
 import { rm } from 'node:fs/promises';
 import { SnapshiftError, messageOf } from '../../core/errors.ts';
+import { faultPoint } from '../../core/fault-points.ts';
 import type { DiskExport, Fleece, FleeceOptions, FleeceStats, SnapshotLedger, VmDisk, VmSnapshotOverlay } from '../hypervisor.ts';
 import { isLibvirtCbtPlan } from './libvirt-cbt.ts';
 import { backupSocketPath, scratchFolderOf, scratchPath } from './libvirt-names.ts';
@@ -34,6 +35,7 @@ export async function startLibvirtFleecing(virsh: Virsh, domain: { name: string;
   const scratchFiles: VmSnapshotOverlay[] = jobDisks.map((disk, index) => ({ diskName: disk.name, baseNodeName: disks[index]!.imagePath, overlayNodeName: `snapshift-${options.tag}-fleece-${index}`, overlayPath: disk.scratchPath }));
   const details: LibvirtFleeceLedgerDetails = { operation: 'fleecing', uri: virsh.uri, domain: domain.name, domainUuid: domain.uuid, socketPath };
   const ledgerEntryId = options.ledger.recordIntent(scratchFiles, { ...details });
+  faultPoint('fleece.after-ledger-intent');
   await rm(socketPath, { force: true });
   const wanted = new Set(disks.map((disk) => disk.name));
   let frozen = false;
@@ -48,6 +50,7 @@ export async function startLibvirtFleecing(virsh: Virsh, domain: { name: string;
   } finally {
     if (frozen) await options.quiesce!.thaw();
   }
+  faultPoint('fleece.after-start');
   if (cbt) await cbt.trackingStartedWithJob(socketPath);
   return new LibvirtFleece(virsh, domain.name, socketPath, scratchFiles, options.ledger, ledgerEntryId);
 }
@@ -101,6 +104,7 @@ class LibvirtFleece implements Fleece {
   }
 
   async #releaseNow(): Promise<FleeceStats> {
+    faultPoint('fleece.before-release');
     // Measured before the abort: libvirt deletes the scratch files right after the job ends.
     let scratchBytes = 0;
     for (const file of this.scratchFiles) scratchBytes += await allocatedBytes(file.overlayPath);
