@@ -27,7 +27,7 @@ import { initRepository, openRepository } from '../../src/repository/index.ts';
 import { restoreDisk } from '../../src/restore/disk-restore.ts';
 import { vmSnapshotLedger } from '../../src/processing/regular-mode.ts';
 import { huntOverlaysOnHosts, huntVmSnapshots } from '../../src/processing/snapshot-hunter.ts';
-import { makeWorkspace, md5File } from '../support/workspace.ts';
+import { makeWorkspace, md5File, runCli } from '../support/workspace.ts';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -444,5 +444,23 @@ describe('the libvirt hypervisor adapter, on the lab libvirtd', { skip }, () => 
     assert.deepEqual(again.result.map((disk) => disk.plan), ['changed', 'changed']);
     assert.ok(covers(again.result[1]!.regions!, 29 * MiB, 64 * KiB));
     assert.equal((await virsh.checkpointNames(vmName)).filter((name) => name.includes(chainKey)).length, 1);
+  });
+
+  test('the CLI: host add libvirt registers the domains; backup in fleecing and regular mode, restore and hunt work on them', async () => {
+    const env = { SNAPSHIFT_HOME: join(workspace.dir, 'home-cli'), SNAPSHIFT_PASSWORD: 'test-password' };
+    const repo = join(workspace.dir, 'repo-cli');
+    const expectOk = (result: { status: number; stdout: string; stderr: string }, what: string) => assert.equal(result.status, 0, `${what}: ${result.stderr}${result.stdout}`);
+    expectOk(await runCli(['host', 'add', 'libvirt', '--uri', libvirt.uri, '--name', 'kvm1'], env), 'host add');
+    const vms = await runCli(['vm', 'list', '--json'], env);
+    expectOk(vms, 'vm list');
+    assert.match(vms.stdout, new RegExp(`"${vmName}"`));
+    expectOk(await runCli(['repo', 'init', repo], env), 'repo init');
+    expectOk(await runCli(['backup', vmName, '--mode', 'fleecing', '--repo', repo, '--quiet'], env), 'backup --mode fleecing');
+    expectOk(await runCli(['backup', vmName, '--mode', 'regular', '--repo', repo, '--quiet'], env), 'backup --mode regular');
+    expectOk(await runCli(['restore', vmName, '--to', join(workspace.dir, 'restored-cli'), '--all-disks', '--repo', repo, '--quiet'], env), 'restore');
+    assert.deepEqual(['vda', 'vdb'].map((disk) => readFileSync(join(workspace.dir, 'restored-cli', `${disk}.raw`)).length), [diskSizeBytes, diskSizeBytes]);
+    expectOk(await runCli(['hunt'], env), 'hunt');
+    assert.deepEqual((await virsh.disks(vmName)).map((disk) => disk.path), images());
+    assert.equal(await virsh.backupJob(vmName), undefined);
   });
 });

@@ -15,14 +15,16 @@ import type { LibvirtDomainSummary, Virsh } from './virsh.ts';
 /** The domain a ledger row names, as libvirt sees it now: running, defined but not running, gone, or unknown. */
 type DomainNow = { kind: 'running'; disks: LibvirtDisk[] } | { kind: 'stopped'; state: string } | { kind: 'gone' } | { kind: 'unreachable'; why: string };
 
-async function domainNow(virsh: Virsh, name: string, uuid: string | undefined): Promise<DomainNow> {
+async function domainNow(virsh: Virsh, name: string): Promise<DomainNow> {
   let domains: LibvirtDomainSummary[];
   try {
     domains = await virsh.listDomains();
   } catch (error) {
     return { kind: 'unreachable', why: messageOf(error) };
   }
-  const domain = domains.find((candidate) => candidate.name === name && (uuid === undefined || candidate.uuid === uuid));
+  // By name only: a transient domain created again from its XML may have a new UUID and still run on our
+  // overlay; what is done to a disk is decided by the path it runs on, never by the name alone.
+  const domain = domains.find((candidate) => candidate.name === name);
   if (!domain) return { kind: 'gone' };
   if (domain.state === 'shut-off') return { kind: 'stopped', state: domain.state };
   return { kind: 'running', disks: await virsh.disks(name) };
@@ -42,7 +44,7 @@ function text(details: Record<string, unknown> | undefined, key: string): string
 export async function repairLibvirtLedgerEntry(virsh: Virsh, entry: VmSnapshotLedgerEntry, options: HuntOptions): Promise<HuntAction[]> {
   const domainName = text(entry.adapter, 'domain');
   if (!domainName) throw new SnapshiftError('LEDGER_ENTRY_BAD', `ledger row ${entry.id} of ${entry.vmName} names no libvirt domain`);
-  const now = await domainNow(virsh, domainName, text(entry.adapter, 'domainUuid'));
+  const now = await domainNow(virsh, domainName);
   const tag = entry.sessionId.slice(0, 8);
   const actions: HuntAction[] = [];
   const act = (overlayPath: string, action: HuntAction['action'], detail: string) => actions.push({ vmName: entry.vmName, overlayPath, action, detail });
