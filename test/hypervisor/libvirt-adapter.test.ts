@@ -21,7 +21,7 @@ import { Virsh } from '../../src/hypervisor/libvirt/virsh.ts';
 import { openVm } from '../../src/hypervisor/registry.ts';
 import { LabDomain, labGuestBoot, type LabGuestBoot } from '../../src/lab/lab-libvirt-domain.ts';
 import { LabLibvirt } from '../../src/lab/lab-libvirt.ts';
-import { useSharedTestCache } from '../../src/lab/with-lab.ts';
+import { labFor, useSharedTestCache } from '../../src/lab/with-lab.ts';
 import { runBackup } from '../../src/processing/backup-run.ts';
 import { initRepository, openRepository } from '../../src/repository/index.ts';
 import { restoreDisk } from '../../src/restore/disk-restore.ts';
@@ -462,5 +462,70 @@ describe('the libvirt hypervisor adapter, on the lab libvirtd', { skip }, () => 
     expectOk(await runCli(['hunt'], env), 'hunt');
     assert.deepEqual((await virsh.disks(vmName)).map((disk) => disk.path), images());
     assert.equal(await virsh.backupJob(vmName), undefined);
+  });
+});
+
+describe('a libvirt VM in storage-snapshot mode (btrfs datastore)', { skip }, () => {
+  test('the VM snapshot is committed right after the storage snapshot; a full and a CBT incremental restore to their instants', async (t) => {
+    // The datastore is mounted before the lab libvirtd starts: its private mount namespace sees no later mount.
+    const lab = await labFor(t);
+    const store = lab.datastore('btrfs');
+    const image = join(store.vmDisksDir, 'lvs.qcow2');
+    await exec('qemu-img', ['create', '-q', '-f', 'qcow2', image, String(diskSizeBytes)]);
+    const workspace = await makeWorkspace('lvs');
+    const libvirt = await LabLibvirt.start({ dir: join(workspace.dir, 'lv') });
+    let domain: LabDomain | undefined;
+    let catalog: Catalog | undefined;
+    try {
+      const virsh = new Virsh(libvirt.uri);
+      domain = await LabDomain.start(virsh, { name: 'lvs', disks: [{ path: image }], runDir: join(workspace.dir, 'dom'), guest: await labGuestBoot(useSharedTestCache()) });
+      mkdirSync(join(workspace.dir, 'home'));
+      catalog = Catalog.open(join(workspace.dir, 'home'));
+      const host = catalog.addHost({ kind: 'libvirt', name: 'lab-libvirt', uri: libvirt.uri });
+      catalog.addVm({ name: 'lvs', hostName: host.name, ref: 'lvs', uuid: domain.uuid });
+      await initRepository(join(workspace.dir, 'repo'), { password: 'test-password', encryption: true });
+      await using repository = await openRepository(join(workspace.dir, 'repo'), { password: 'test-password' });
+      for (const round of [0, 1]) {
+        await domain.writePattern('vda', (4 + round) * MiB, 64 * KiB, 0x60 + round);
+        let reference = '';
+        const run = await runBackup({
+          vms: [catalog.getVm('lvs')!],
+          mode: 'storage-snapshot',
+          repository,
+          catalog,
+          runDir: join(workspace.dir, 'run'),
+          failoverToRegular: false,
+          hooks: {
+            beforeVmSnapshots: async () => {
+              await virsh.run(['suspend', 'lvs']);
+              await virsh.run(['qemu-monitor-command', 'lvs', '--hmp', 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "flush"']);
+              const raw = join(workspace.dir, 'reference.raw');
+              await exec('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', image, raw]);
+              reference = await md5File(raw);
+              await rm(raw);
+            },
+            afterVmSnapshots: () => virsh.run(['resume', 'lvs']).then(() => undefined),
+          },
+        });
+        const outcome = run.outcomes[0]!;
+        assert.equal(outcome.error, undefined, outcome.error?.stack);
+        const { restorePoint, stats, storageKinds } = outcome.result!;
+        assert.equal(stats.mode, 'storage-snapshot');
+        assert.deepEqual(storageKinds, ['btrfs']);
+        assert.deepEqual(stats.disks.map((disk) => disk.cbtSource), [round === 0 ? 'none' : 'bitmap']);
+        t.diagnostic(`storage-snapshot #${round + 1}: VM snapshot lived ${Math.round(stats.vmSnapshotLifetimeMs)} ms, read ${(stats.readBytes / MiB).toFixed(1)} MiB`);
+        const restored = join(workspace.dir, 'restored.raw');
+        await restoreDisk(await repository.openRestorePoint(restorePoint.id), 'vda', restored, { format: 'raw', force: true, chunkSizeBytes: repository.chunkSizeBytes });
+        assert.equal(await md5File(restored), reference, `storage-snapshot #${round + 1} restores to its instant`);
+      }
+      assert.deepEqual((await virsh.disks('lvs')).map((disk) => disk.path), [image]);
+      assert.deepEqual(catalog.listVmSnapshotLedger(), []);
+      assert.deepEqual(catalog.listStorageSnapshotLedger(), []);
+    } finally {
+      catalog?.close();
+      await domain?.destroy().catch(() => undefined);
+      await LabLibvirt.stopIn(libvirt.dir);
+      await workspace.cleanup();
+    }
   });
 });
