@@ -149,11 +149,19 @@ export class LabLibvirt implements AsyncDisposable {
     dir = path.resolve(dir);
     const report: LabLibvirtStopReport = { endedPids: [], destroyedDomains: [] };
     const state = await readState(dir);
+    let destroyFailure: unknown;
     if (state) {
       const libvirtd = state.processes.find((p) => p.label === libvirtdLabel);
       // Without its socket the daemon never served a client (it died or was stopped while starting): it runs
       // no domain, and virsh could not reach it anyway.
-      if (libvirtd && (await isOwnedProcessAlive(libvirtd)) && (await pathExists(libvirtSocketPath(dir)))) report.destroyedDomains.push(...(await destroyAllDomains(dir)));
+      if (libvirtd && (await isOwnedProcessAlive(libvirtd)) && (await pathExists(libvirtSocketPath(dir)))) {
+        // A domain libvirt would not destroy still dies with the namespace below: the daemons are ended anyway.
+        try {
+          report.destroyedDomains.push(...(await destroyAllDomains(dir)));
+        } catch (error) {
+          destroyFailure = error;
+        }
+      }
       for (const label of [libvirtdLabel, virtlogdLabel, holderLabel]) {
         const record = state.processes.find((p) => p.label === label);
         if (record && (await endOwnedProcess(record, { graceMs: 5000 }))) report.endedPids.push(record.pid);
@@ -164,6 +172,9 @@ export class LabLibvirt implements AsyncDisposable {
     for (const folder of Object.keys(boundFolders)) await fs.rm(path.join(dir, folder), { recursive: true, force: true });
     await fs.rm(path.join(dir, stateFileName), { force: true });
     await fs.rmdir(dir).catch(() => undefined);
+    if (destroyFailure !== undefined) {
+      throw new SnapshiftError('LAB_LIBVIRT_FAILED', `the lab libvirtd in ${dir} is stopped, but destroying its domains through it failed first (their QEMUs were killed with the namespace): ${messageOf(destroyFailure)}`, { cause: destroyFailure });
+    }
     return report;
   }
 
