@@ -23,8 +23,8 @@ import { initRepository, openRepository } from '../src/repository/index.ts';
 import { readWriteLatency, startWriteLatencyHistogram, type WriteLatency } from './write-latency.ts';
 
 const MiB = 1024 * 1024;
-/** The lab guest's disk device (qdev id), whose write latency the histogram measures. */
-const guestDevice = 'vda';
+/** The lab guest's disk device, whose write latency the histogram measures: virtio-blk-pci's backend child holds the block backend. */
+const guestDevice = '/machine/peripheral/vda/virtio-backend';
 const maxStorageLifetimeMs = 300;
 const minLifetimeRatio = 20;
 

@@ -28,7 +28,7 @@ export interface WriteLatency {
 export async function readWriteLatency(qmpSocketPath: string, deviceId: string): Promise<WriteLatency> {
   await using qmp = await connectQmp('bench', qmpSocketPath, 10_000);
   const devices = await qmp.execute<BlockStats[]>('query-blockstats');
-  const histogram = devices.find((device) => device.qdev === deviceId || device.qdev?.endsWith(`/${deviceId}/virtio-backend`) || device.device === deviceId)?.stats.wr_latency_histogram;
+  const histogram = devices.find((device) => device.qdev === deviceId || device.device === deviceId)?.stats.wr_latency_histogram;
   if (!histogram) throw new Error(`no write latency histogram on device ${deviceId}`);
   const writes = histogram.bins.reduce((total, count) => total + count, 0);
   const percentile = (share: number): number => {
