@@ -1,8 +1,9 @@
 // Issue 12's bar: a libvirt domain writing 4 MiB/s, backed up in all three processing modes, full and
 // incremental, each restore bit-exact to its point in time. On the lab's own libvirtd with the tiny guest under
-// TCG, its raw disk on the lab's btrfs datastore (so storage-snapshot mode takes a real btrfs snapshot).
-// The point in time: the test pauses the domain just before the VM snapshot (or the fleecing start), copies the
-// disk, and resumes it once the point in time is held; the guest then writes through the whole copy.
+// TCG, its qcow2 disk (libvirt keeps checkpoint bitmaps in qcow2 only) on the lab's btrfs datastore (so
+// storage-snapshot mode takes a real btrfs snapshot). The point in time: the test pauses the domain just before
+// the VM snapshot (or the fleecing start), has QEMU flush the image (its qcow2 metadata cache) and converts it
+// to raw, then resumes the guest once the point in time is held; the guest writes through the whole copy.
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readdirSync } from 'node:fs';
@@ -38,15 +39,15 @@ describe('a libvirt domain writing 4 MiB/s, in all three modes, full and increme
 
   before(async () => {
     workspace = await makeWorkspace('libvirt-modes');
-    diskPath = join(lab().datastore('btrfs').vmDisksDir, `${domainName}.raw`);
-    await exec('truncate', ['-s', String(diskSizeBytes), diskPath]);
+    diskPath = join(lab().datastore('btrfs').vmDisksDir, `${domainName}.qcow2`);
+    await exec('qemu-img', ['create', '-q', '-f', 'qcow2', diskPath, String(diskSizeBytes)]);
     // Data here and there, so a full backup reads something and holes stay holes.
-    await exec('dd', ['if=/dev/urandom', `of=${diskPath}`, 'bs=1M', 'count=24', 'seek=8', 'conv=notrunc', 'status=none']);
+    await exec('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 8M 24M', diskPath]);
     libvirt = await LabLibvirt.start({ dir: join(workspace.dir, 'libvirt') });
     virsh = new Virsh(libvirt.uri);
     domain = await LabDomain.start(virsh, {
       name: domainName,
-      disks: [{ path: diskPath, format: 'raw' }],
+      disks: [{ path: diskPath, format: 'qcow2' }],
       runDir: join(workspace.dir, 'dom'),
       guest: await labGuestBoot(useSharedTestCache()),
       rateMiBps: 4,
@@ -91,10 +92,11 @@ describe('a libvirt domain writing 4 MiB/s, in all three modes, full and increme
         catalog,
         runDir: join(workspace.dir, 'run'),
         hooks: {
-          // Paused, the raw disk holds exactly what the guest wrote (QEMU writes through the host page cache).
+          // Paused and flushed, the image holds exactly what the guest wrote.
           beforeVmSnapshots: async () => {
             await virsh.run(['suspend', domainName]);
-            await exec('cp', ['--sparse=always', diskPath, reference]);
+            await virsh.run(['qemu-monitor-command', domainName, '--hmp', 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "flush"']);
+            await exec('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', diskPath, reference]);
           },
           afterVmSnapshots: async () => {
             await virsh.run(['resume', domainName]);
@@ -128,7 +130,7 @@ describe('a libvirt domain writing 4 MiB/s, in all three modes, full and increme
         `${mode} ${full ? 'full' : 'incremental'}: VM snapshot ${Math.round(stats.vmSnapshotLifetimeMs)} ms, delta ${stats.deltaBytesAtCommit} B, fleecing ${stats.fleecingLifetimeMs ?? '-'} ms, ` +
           `scratch ${stats.scratchBytes ?? '-'} B, read ${(stats.readBytes / MiB).toFixed(1)} MiB in ${Math.round(stats.durationMs)} ms; the guest wrote ${last.writtenMiB - before.writtenMiB} MiB meanwhile`,
       );
-      assert.deepEqual(readdirSync(lab().datastore('btrfs').vmDisksDir).filter((name) => name !== `${domainName}.raw`), [], 'no overlay or scratch image left');
+      assert.deepEqual(readdirSync(lab().datastore('btrfs').vmDisksDir).filter((name) => name !== `${domainName}.qcow2`), [], 'no overlay or scratch image left');
       const snapshots = join(lab().datastore('btrfs').mountPoint, '.snapshift-snapshots');
       assert.deepEqual(existsSync(snapshots) ? readdirSync(snapshots) : [], [], 'no storage snapshot left');
       assert.deepEqual(catalog.listVmSnapshotLedger(), [], 'the ledger is clear');
