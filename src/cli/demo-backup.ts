@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import type { Catalog, VmTarget } from '../catalog/index.ts';
 import { SnapshiftError } from '../core/errors.ts';
 import { exec } from '../core/exec.ts';
+import { QmpClient } from '../hypervisor/qemu/qmp-client.ts';
 import type { LabVm } from '../lab/index.ts';
 import { runBackup, type ProcessingMode } from '../processing/backup-run.ts';
 import type { TaskStats } from '../processing/task-stats.ts';
@@ -17,9 +18,9 @@ export interface DemoBackup {
   stats: TaskStats;
   /** Wall time of runBackup as the admin waits for it (hunt, snapshots, copy, commit, restore point). */
   totalMs: number;
-  /** Reflink copy of the base taken at the VM-snapshot instant (on btrfs: instant, shares extents). */
+  /** Reflink copy of the disk at the point in time (on btrfs: instant, shares extents). */
   referencePath: string;
-  /** How long making that copy held the VM snapshot open (it happens inside the snapshot's lifetime). */
+  /** How long making that copy took: inside the VM snapshot's lifetime, or (fleecing) with the guest paused. */
   referenceCopyMs: number;
   heartbeatsBefore: number;
   heartbeatsAfter: number;
@@ -50,8 +51,10 @@ export interface DemoBackupInput {
 
 /**
  * Backs up the lab VM in `mode` while it writes. At the VM-snapshot instant (the `afterVmSnapshots` hook, in
- * either mode the base is frozen then) the base qcow2 is reflink-copied: that copy is the point in time the
- * restore must equal. Heartbeats before and after show the guest kept writing throughout.
+ * regular and storage-snapshot mode the base is frozen then) the base qcow2 is reflink-copied: that copy is the
+ * point in time the restore must equal. Fleecing freezes no file: the guest is paused (QEMU flushes the image on
+ * `stop`) just before the fleecing starts, copied, and resumed once it holds the point in time. Heartbeats
+ * before and after show the guest kept writing throughout.
  */
 export async function demoBackup(input: DemoBackupInput): Promise<DemoBackup> {
   await mkdir(input.referenceDir, { recursive: true });
@@ -74,10 +77,20 @@ export async function demoBackup(input: DemoBackupInput): Promise<DemoBackup> {
       full: true,
       onProgress: (progress) => bar.update(progress.processedBytes, progress.totalBytes, progress.phase),
       hooks: {
+        beforeVmSnapshots: async () => {
+          if (input.mode !== 'fleecing') return;
+          // The lab's own monitor: the engine holds the VM's QMP socket during the task.
+          await using qmp = await QmpClient.connect(input.vm.labQmpSocketPath);
+          await qmp.execute('stop');
+          referenceCopyMs = await reflinkCopy(input.vm.diskPath, referencePath);
+        },
         afterVmSnapshots: async () => {
-          const copyStarted = performance.now();
-          await exec('cp', ['--reflink=always', input.vm.diskPath, referencePath]);
-          referenceCopyMs = performance.now() - copyStarted;
+          if (input.mode !== 'fleecing') {
+            referenceCopyMs = await reflinkCopy(input.vm.diskPath, referencePath);
+            return;
+          }
+          await using qmp = await QmpClient.connect(input.vm.labQmpSocketPath);
+          await qmp.execute('cont');
         },
       },
     });
@@ -104,6 +117,12 @@ export async function demoBackup(input: DemoBackupInput): Promise<DemoBackup> {
     writtenMiBBefore: before.at(-1)?.writtenMiB ?? 0,
     writtenMiBAfter: after.at(-1)?.writtenMiB ?? 0,
   };
+}
+
+async function reflinkCopy(from: string, to: string): Promise<number> {
+  const started = performance.now();
+  await exec('cp', ['--reflink=always', from, to]);
+  return performance.now() - started;
 }
 
 /** Restores the backup's (only) disk to raw and compares its md5 with the reference copy's guest-visible bytes. */

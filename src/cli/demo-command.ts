@@ -111,8 +111,9 @@ const demoSteps: DemoStep[] = [
   },
   backupStep('regular', 'back up in regular mode: the VM snapshot stays open for the whole copy'),
   backupStep('storage-snapshot', 'back up in storage-snapshot mode: the VM snapshot stays open only until the btrfs snapshot'),
+  backupStep('fleecing', 'back up in fleecing mode: no VM snapshot at all, the guest\'s writes copy old blocks aside while the copy runs'),
   {
-    title: 'restore both backups and compare them with the point in time',
+    title: 'restore every backup and compare it with its point in time',
     async run(context) {
       const repository = need(context.repository, 'repository');
       const scratch = demoPaths(need(context.lab, 'lab')).scratch;
@@ -121,25 +122,26 @@ const demoSteps: DemoStep[] = [
       for (const [index, backup] of context.backups.entries()) {
         backup.verification = verifications[index]!;
         const { referenceMd5, restoredMd5, equal, restoreMs } = backup.verification;
-        console.log(`    ${backup.mode.padEnd(16)} restored in ${formatDuration(restoreMs)}: md5 ${restoredMd5} ${equal ? '=' : '≠'} ${referenceMd5} at the VM snapshot  ${equal ? 'OK' : 'MISMATCH'}`);
+        console.log(`    ${backup.mode.padEnd(16)} restored in ${formatDuration(restoreMs)}: md5 ${restoredMd5} ${equal ? '=' : '≠'} ${referenceMd5} at the point in time  ${equal ? 'OK' : 'MISMATCH'}`);
       }
       const failed = context.backups.filter((backup) => !backup.verification?.equal).length;
-      return failed === 0 ? `both restores equal their point in time, bit for bit` : `${failed} restore(s) differ from their point in time`;
+      return failed === 0 ? `all ${context.backups.length} restores equal their point in time, bit for bit` : `${failed} restore(s) differ from their point in time`;
     },
   },
   {
-    title: 'compare the two processing modes',
+    title: 'compare the three processing modes',
     async run(context) {
       const vm = need(context.vm, 'vm');
-      const [regular, storage] = (['regular', 'storage-snapshot'] as const).map((mode) => {
+      const [regular, storage, fleecing] = (['regular', 'storage-snapshot', 'fleecing'] as const).map((mode) => {
         const backup = context.backups.find((candidate) => candidate.mode === mode);
         if (!backup) throw new Error(`demo step order: no ${mode} backup yet`);
         return backup;
-      }) as [DemoBackup, DemoBackup];
-      console.log(indent(formatComparison([regular, storage]), '    '));
+      }) as [DemoBackup, DemoBackup, DemoBackup];
+      console.log(indent(formatComparison([regular, storage, fleecing]), '    '));
       const ratio = regular.stats.vmSnapshotLifetimeMs / Math.max(1, storage.stats.vmSnapshotLifetimeMs);
       console.log(`\n    In storage-snapshot mode the guest ran on a VM snapshot ${ratio.toFixed(0)}x shorter, so its delta at commit`);
       console.log(`    was ${formatBytes(storage.stats.deltaBytesAtCommit)} instead of ${formatBytes(regular.stats.deltaBytesAtCommit)}; the copy read from the btrfs snapshot instead.`);
+      console.log(`    Fleecing took no VM snapshot and committed nothing: its scratch held ${formatBytes(fleecing.stats.scratchBytes ?? 0)} of old blocks for ${formatDuration(fleecing.stats.fleecingLifetimeMs ?? 0)}.`);
       const unverified = context.backups.filter((backup) => !backup.verification?.equal);
       if (unverified.length > 0) throw new SnapshiftError('DEMO_VERIFY_FAILED', `restore verification failed for: ${unverified.map((backup) => backup.mode).join(', ')}`);
       if (!(await vm.isRunning())) throw new SnapshiftError('LAB_VM_FAILED', 'the demo guest stopped during the demo');
@@ -171,7 +173,12 @@ function backupStep(mode: DemoBackup['mode'], title: string): DemoStep {
       const valueColumn = summary.split('\n')[0]!.lastIndexOf(' ') + 1;
       const line = (label: string, value: string) => console.log(`    ${label}`.padEnd(valueColumn) + value);
       console.log(summary);
-      line('reference copy', `${formatDuration(backup.referenceCopyMs)} (reflink of the base at the VM snapshot, inside its lifetime)`);
+      line(
+        'reference copy',
+        mode === 'fleecing'
+          ? `${formatDuration(backup.referenceCopyMs)} (reflink of the disk with the guest paused, just before the fleecing started)`
+          : `${formatDuration(backup.referenceCopyMs)} (reflink of the base at the VM snapshot, inside its lifetime)`,
+      );
       line('guest meanwhile', `heartbeats ${backup.heartbeatsBefore} → ${backup.heartbeatsAfter}, ${backup.writtenMiBBefore} → ${backup.writtenMiBAfter} MiB written`);
       return `restore point ${backup.restorePointId.slice(0, 12)}, ${formatDuration(backup.totalMs)} in all`;
     },
@@ -179,14 +186,15 @@ function backupStep(mode: DemoBackup['mode'], title: string): DemoStep {
 }
 
 /** The side-by-side table of what each mode cost the guest and how long it took. */
-function formatComparison(backups: [DemoBackup, DemoBackup]): string {
+function formatComparison(backups: readonly DemoBackup[]): string {
   const row = (label: string, value: (backup: DemoBackup) => string): string[] => [label, ...backups.map(value)];
   return formatColumns(
     ['', ...backups.map((backup) => backup.mode)],
     [
-      row('VM-snapshot lifetime', (b) => formatDuration(b.stats.vmSnapshotLifetimeMs)),
-      row('delta at commit', (b) => formatBytes(b.stats.deltaBytesAtCommit)),
-      row('commit time', (b) => formatDuration(b.stats.commitMs)),
+      row('VM-snapshot lifetime', (b) => (b.mode === 'fleecing' ? 'none' : formatDuration(b.stats.vmSnapshotLifetimeMs))),
+      row('delta at commit', (b) => (b.mode === 'fleecing' ? 'none' : formatBytes(b.stats.deltaBytesAtCommit))),
+      row('commit time', (b) => (b.mode === 'fleecing' ? 'none' : formatDuration(b.stats.commitMs))),
+      row('fleecing lifetime / scratch', (b) => (b.stats.fleecingLifetimeMs === null || b.stats.fleecingLifetimeMs === undefined ? '-' : `${formatDuration(b.stats.fleecingLifetimeMs)} / ${formatBytes(b.stats.scratchBytes ?? 0)}`)),
       row('storage-snapshot lifetime', (b) => (b.stats.storageSnapshotLifetimeMs === null ? '-' : formatDuration(b.stats.storageSnapshotLifetimeMs))),
       row('total time', (b) => formatDuration(b.totalMs)),
       row('read / rate', (b) => `${formatBytes(b.stats.readBytes)} at ${b.stats.rateMBps.toFixed(0)} MB/s`),
@@ -217,12 +225,13 @@ function indent(text: string, prefix: string): string {
 }
 
 /**
- * `snapshift demo`: the lab, a real guest writing steadily, a regular-mode and a storage-snapshot-mode backup
- * of it, both restores checked against the point in time, and the two modes side by side; torn down at the end.
+ * `snapshift demo`: the lab, a real guest writing steadily, a regular-mode, a storage-snapshot-mode and a
+ * fleecing backup of it, every restore checked against its point in time, and the three modes side by side;
+ * torn down at the end.
  */
 export function registerDemoCommand(program: Command): void {
   withExamples(program.command('demo'), 'snapshift demo', 'snapshift demo --keep --rate 8')
-    .description('back up a writing guest in both processing modes, verify the restores, compare, tear it all down (needs root)')
+    .description('back up a writing guest in all three processing modes, verify the restores, compare, tear it all down (needs root)')
     .option('--dir <dir>', 'lab folder', defaultLabDir)
     .option('--keep', 'leave the lab and the running VM up at the end')
     .option('--seconds <n>', 'how long to watch the guest before the backups', numberOption('--seconds', { integer: false, min: 0, unit: 'seconds' }), 3)
@@ -248,8 +257,8 @@ async function runDemo(context: DemoContext, keep: boolean): Promise<void> {
     );
   };
   process.once('SIGINT', onInterrupt);
-  console.log(`snapshift demo: a tiny guest writes ${context.options.rateMiBps} MiB/s while it is backed up twice, in regular and in`);
-  console.log('storage-snapshot mode; both restores are checked against the point in time, then the modes compared.\n');
+  console.log(`snapshift demo: a tiny guest writes ${context.options.rateMiBps} MiB/s while it is backed up three times, in regular,`);
+  console.log('storage-snapshot and fleecing mode; each restore is checked against its point in time, then the modes compared.\n');
   try {
     for (const [index, step] of demoSteps.entries()) {
       const stepStarted = Date.now();
