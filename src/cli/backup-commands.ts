@@ -2,7 +2,7 @@ import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { ExitStatus, SnapshiftError } from '../core/errors.ts';
 import { checkVmName } from '../catalog/index.ts';
-import { isProcessingMode, processingModes, runBackup, type BackupRunResult, type ProcessingMode } from '../processing/backup-run.ts';
+import { isProcessingMode, processingModeList, runBackup, type BackupRunResult, type ProcessingMode } from '../processing/backup-run.ts';
 import type { TaskStats } from '../processing/task-stats.ts';
 import { huntOverlaysOnHosts, huntVmSnapshots } from '../processing/snapshot-hunter.ts';
 import { huntStorageSnapshots } from '../processing/storage-hunter.ts';
@@ -43,7 +43,7 @@ export function registerBackupCommands(program: Command): void {
         options: RepositoryCliOptions & { mode: string; full?: boolean; quiesce?: boolean; failoverToRegular: boolean; vmsPerStorageSnapshot: number; maxReadRate?: number; overlayFolder?: string; json?: boolean; quiet?: boolean },
         command: Command,
       ) => {
-        if (!isProcessingMode(options.mode)) throw new SnapshiftError('USAGE', `unknown mode "${options.mode}": use ${processingModes.join(', ')}`);
+        if (!isProcessingMode(options.mode)) throw new SnapshiftError('USAGE', `unknown mode "${options.mode}": use ${processingModeList}`);
         const mode: ProcessingMode = options.mode;
         const { vmsPerStorageSnapshot, maxReadRate } = options;
         for (const name of vmNames) checkVmName(name);

@@ -34,7 +34,6 @@ export const errorCodes = {
   VM_UNKNOWN: { exitStatus: failed, meaning: 'no VM of that name is registered (snapshift host add, host discover)' },
   VM_NAME_TAKEN: { exitStatus: failed, meaning: 'a VM of that name is already registered on another host: VM names are unique across hosts' },
   HOST_KIND_UNKNOWN: { exitStatus: ExitStatus.usage, meaning: 'no hypervisor adapter of that kind (qemu, libvirt)' },
-  HYPERVISOR_UNSUPPORTED: { exitStatus: failed, meaning: 'the host\'s hypervisor adapter cannot do what was asked (e.g. a processing mode it lacks)' },
   JOB_UNKNOWN: { exitStatus: failed, meaning: 'no job of that name exists' },
   SESSION_UNKNOWN: { exitStatus: failed, meaning: 'no session with that id (or id prefix) exists' },
 

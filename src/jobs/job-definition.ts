@@ -1,7 +1,7 @@
 import { Cron } from 'croner';
 import { checkVmName } from '../catalog/vm-name.ts';
 import { SnapshiftError, messageOf } from '../core/errors.ts';
-import { isProcessingMode, processingModes, type ProcessingMode } from '../processing/backup-run.ts';
+import { isProcessingMode, processingModeList, type ProcessingMode } from '../processing/backup-run.ts';
 import type { RetentionPolicy } from '../repository/index.ts';
 
 
@@ -51,7 +51,7 @@ export function parseJobDefinition(input: unknown): JobDefinition {
     }
   }
   const mode = raw.mode ?? jobDefaults.mode;
-  if (!isProcessingMode(mode)) throw invalid(`job ${name}: mode must be ${processingModes.join(', ')}, not "${String(mode)}"`);
+  if (!isProcessingMode(mode)) throw invalid(`job ${name}: mode must be ${processingModeList}, not "${String(mode)}"`);
   const schedule = raw.schedule === undefined || raw.schedule === null || raw.schedule === '' ? undefined : requireString(raw.schedule, 'schedule');
   if (schedule !== undefined) validateCron(schedule, name);
   const definition: JobDefinition = {

@@ -16,6 +16,9 @@ import { faultPoint } from '../core/fault-points.ts';
 export const processingModes = ['storage-snapshot', 'regular', 'fleecing'] as const;
 export type ProcessingMode = (typeof processingModes)[number];
 
+/** `storage-snapshot, regular or fleecing`, for messages. */
+export const processingModeList = `${processingModes.slice(0, -1).join(', ')} or ${processingModes.at(-1)}`;
+
 export function isProcessingMode(mode: unknown): mode is ProcessingMode {
   return processingModes.includes(mode as ProcessingMode);
 }

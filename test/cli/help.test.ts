@@ -89,7 +89,7 @@ describe('--help and README keep their word', () => {
     assert.equal(jobDefaults.mode, 'storage-snapshot');
     assert.equal(jobDefaults.failoverToRegular, true);
     const backupHelp = flat((await runCli(['backup', '--help'], env())).stdout);
-    assert.match(backupHelp, /--mode <mode> storage-snapshot \(falls back to regular mode, saying why, .*\) or regular; jobs default to the same \(default: "storage-snapshot"\)/);
+    assert.match(backupHelp, /--mode <mode> storage-snapshot \(falls back to regular mode, saying why, .*\), regular, or fleecing \(.*\); jobs default to the same \(default: "storage-snapshot"\)/);
     assert.match(backupHelp, /--no-failover-to-regular/);
 
     const created = await runCli(['job', 'create', 'defaults', '--vm', 'vm1', '--repo', join(workspace.dir, 'repo')], env());

@@ -89,7 +89,7 @@ test('sessions and jobs read back through the CLI; a bad job definition is a usa
   assert.deepEqual([job.vms, job.mode, job.maxReadRateMBps], [['sched-vm'], 'regular', 1]);
   const bad = await runCli(['job', 'create', 'broken', '--vm', 'x', '--repo', '/nowhere', '--mode', 'sideways'], env);
   assert.equal(bad.status, 64);
-  assert.equal(bad.stderr, 'snapshift: invalid job: job broken: mode must be storage-snapshot or regular, not "sideways"\n');
+  assert.equal(bad.stderr, 'snapshift: invalid job: job broken: mode must be storage-snapshot, regular or fleecing, not "sideways"\n');
   const unknown = await runCli(['session', 'show', 'ffffffff'], env);
   assert.equal(unknown.status, 2);
 });
