@@ -2,6 +2,7 @@ import { mkdir, readdir, stat } from 'node:fs/promises';
 import { dirname, join, relative } from 'node:path';
 import { SnapshiftError } from '../../core/errors.ts';
 import { exec } from '../../core/exec.ts';
+import { pathExists } from '../../core/fs-probe.ts';
 import { mountOf } from '../fs-info.ts';
 import { OwnedStorageSnapshot } from '../owned-snapshot.ts';
 import { snapshotPrefix, type StorageSnapshotInfo, type StorageSystem, type Volume } from '../storage-system.ts';
@@ -31,6 +32,7 @@ export class BtrfsStorage implements StorageSystem {
     try {
       for (const [index, volume] of volumes.entries()) {
         const folder = await snapshotFolderFor(volume.id);
+        if (!folder || !(await pathExists(volume.id))) throw new SnapshiftError('STORAGE_SNAPSHOT_FAILED', `btrfs volume ${volume.id} is gone (no such subvolume); cannot snapshot it`);
         await mkdir(folder, { recursive: true });
         const snapshotPath = join(folder, `${snapshotPrefix}${sessionTag}-${index}`);
         await exec('btrfs', ['subvolume', 'snapshot', '-r', volume.id, snapshotPath], { code: 'STORAGE_SNAPSHOT_FAILED' });
@@ -57,6 +59,7 @@ export class BtrfsStorage implements StorageSystem {
     const found = new Map<string, StorageSnapshotInfo>();
     for (const volume of volumes) {
       const folder = await snapshotFolderFor(volume.id);
+      if (!folder) continue;
       for (const name of await readdir(folder).catch(() => [] as string[])) {
         const tag = tagOf(name);
         if (tag) found.set(join(folder, name), { kind: this.kind, location: join(folder, name), sessionTag: tag });
@@ -70,10 +73,16 @@ export class BtrfsStorage implements StorageSystem {
   }
 }
 
-async function snapshotFolderFor(volumePath: string): Promise<string> {
-  const mount = await mountOf(volumePath);
-  if (!mount) throw new SnapshiftError('STORAGE_SNAPSHOT_FAILED', `cannot find the mount of ${volumePath}`);
-  return join(mount.target, snapshotFolderName);
+/**
+ * Our snapshot folder on the btrfs filesystem that holds (or held) `volumePath`; undefined when no btrfs holds
+ * it any more. A subvolume deleted since keeps its snapshots in that folder, so we look from its nearest
+ * existing parent (findmnt finds no mount for a path that does not exist).
+ */
+async function snapshotFolderFor(volumePath: string): Promise<string | undefined> {
+  let existing = volumePath;
+  while (!(await pathExists(existing)) && existing !== dirname(existing)) existing = dirname(existing);
+  const mount = await mountOf(existing);
+  return mount?.fstype === 'btrfs' ? join(mount.target, snapshotFolderName) : undefined;
 }
 
 async function deleteSubvolume(path: string): Promise<void> {
