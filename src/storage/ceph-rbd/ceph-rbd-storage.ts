@@ -109,7 +109,7 @@ export class CephRbdStorage implements StorageSystem, SnapshotDiffing {
   async listOwnSnapshots(volumes: readonly Volume[]): Promise<StorageSnapshotInfo[]> {
     const found: StorageSnapshotInfo[] = [];
     for (const volume of volumes) {
-      for (const name of await this.snapshotNames(volume.id)) {
+      for (const name of await this.#snapshotNamesIfPresent(volume.id)) {
         const tag = snapshotTagOf(name);
         if (tag) found.push({ kind: this.kind, location: `${volume.id}@${name}`, sessionTag: tag });
       }
@@ -120,12 +120,26 @@ export class CephRbdStorage implements StorageSystem, SnapshotDiffing {
   async listRetainedSnapshots(volumes: readonly Volume[]): Promise<StorageSnapshotInfo[]> {
     const found: StorageSnapshotInfo[] = [];
     for (const volume of volumes) {
-      for (const name of await this.snapshotNames(volume.id)) {
+      for (const name of await this.#snapshotNamesIfPresent(volume.id)) {
         const tag = retainedTagOf(name);
         if (tag) found.push({ kind: this.kind, location: `${volume.id}@${name}`, sessionTag: tag });
       }
     }
     return found;
+  }
+
+  /**
+   * Like `snapshotNames`, but an image that is gone holds none: Ceph refuses to remove an image that still has
+   * snapshots, so a ledger row naming a deleted image must not stop the hunt on the others.
+   */
+  async #snapshotNamesIfPresent(image: string): Promise<string[]> {
+    try {
+      return await this.snapshotNames(image);
+    } catch (error) {
+      // rbd: "error opening image NAME: (2) No such file or directory" (ENOENT from librbd).
+      if (error instanceof SnapshiftError && /error opening image .*\(2\) No such file or directory/.test(error.message)) return [];
+      throw error;
+    }
   }
 
   async removeSnapshot(info: StorageSnapshotInfo): Promise<void> {
