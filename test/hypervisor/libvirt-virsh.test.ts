@@ -14,7 +14,7 @@ import { NbdClient } from '../../src/datamover/nbd/index.ts';
 import { NbdDiskSource } from '../../src/datamover/nbd-disk-source.ts';
 import { checkpointXml, pullBackupXml } from '../../src/hypervisor/libvirt/libvirt-xml.ts';
 import { Virsh } from '../../src/hypervisor/libvirt/virsh.ts';
-import { nextOverlayPath } from '../../src/hypervisor/qemu/overlay-path.ts';
+import { nextOverlayPath } from '../../src/hypervisor/overlay-path.ts';
 import { LabDomain, labGuestBoot, type LabGuestBoot } from '../../src/lab/lab-libvirt-domain.ts';
 import { LabLibvirt } from '../../src/lab/lab-libvirt.ts';
 import { useSharedTestCache } from '../../src/lab/with-lab.ts';

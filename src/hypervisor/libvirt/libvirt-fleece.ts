@@ -4,7 +4,7 @@ import { faultPoint } from '../../core/fault-points.ts';
 import type { DiskExport, Fleece, FleeceOptions, FleeceStats, SnapshotLedger, VmDisk, VmSnapshotOverlay } from '../hypervisor.ts';
 import { isLibvirtCbtPlan } from './libvirt-cbt.ts';
 import { backupSocketPath, scratchFolderOf, scratchPath } from './libvirt-names.ts';
-import { allocatedBytes } from './libvirt-vm-snapshot.ts';
+import { allocatedBytes } from '../overlay-vm-snapshot.ts';
 import { pullBackupXml } from './libvirt-xml.ts';
 import type { Virsh } from './virsh.ts';
 

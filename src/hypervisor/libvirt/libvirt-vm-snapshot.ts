@@ -1,9 +1,9 @@
-import { rm, stat } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import { SnapshiftError, messageOf } from '../../core/errors.ts';
 import { faultPoint } from '../../core/fault-points.ts';
-import type { SnapshotLedger, VmDisk, VmSnapshot, VmSnapshotOptions, VmSnapshotOverlay, VmSnapshotStats } from '../hypervisor.ts';
-import { nextOverlayPath } from '../qemu/overlay-path.ts';
-import { assertSnapshottable } from '../qemu/qemu-vm-snapshot.ts';
+import type { SnapshotLedger, VmDisk, VmSnapshot, VmSnapshotOptions, VmSnapshotOverlay } from '../hypervisor.ts';
+import { nextOverlayPath } from '../overlay-path.ts';
+import { assertSnapshottable, isFileProtocol, OverlayVmSnapshot } from '../overlay-vm-snapshot.ts';
 import { isLibvirtCbtPlan } from './libvirt-cbt.ts';
 import type { Virsh } from './virsh.ts';
 
@@ -15,8 +15,6 @@ export interface LibvirtSnapshotLedgerDetails {
   domainUuid: string;
 }
 
-const fileProtocols = new Set(['file', 'host_device']);
-
 /**
  * Takes one disk-only external snapshot of all `disks` at one instant (`snapshot-create-as --disk-only
  * --atomic --no-metadata`): a qcow2 overlay per disk, beside its image, becomes the active layer and the base
@@ -26,7 +24,7 @@ export async function takeLibvirtVmSnapshot(virsh: Virsh, domain: { name: string
   assertSnapshottable(disks, options.overlayFolder);
   const taken = new Set<string>();
   const overlays: VmSnapshotOverlay[] = disks.map((disk, index) => {
-    const overlayPath = nextOverlayPath(disk.imagePath, fileProtocols.has(disk.protocol) ? undefined : options.overlayFolder, taken);
+    const overlayPath = nextOverlayPath(disk.imagePath, isFileProtocol(disk.protocol) ? undefined : options.overlayFolder, taken);
     taken.add(overlayPath);
     // libvirt has no node names: the base is named by its image, the overlay by our tag (for people reading the ledger).
     return { diskName: disk.name, baseNodeName: disk.imagePath, overlayNodeName: `snapshift-${options.tag}-${index}`, overlayPath };
@@ -55,7 +53,10 @@ export async function takeLibvirtVmSnapshot(virsh: Virsh, domain: { name: string
   } finally {
     if (frozen) await options.quiesce!.thaw();
   }
-  return new LibvirtVmSnapshot(virsh, domain.name, overlays, options.ledger, ledgerEntryId);
+  return new OverlayVmSnapshot(domain.name, overlays, options.ledger, ledgerEntryId, async (overlay) => {
+    await commitLibvirtOverlay(virsh, domain.name, overlay);
+    await rm(overlay.overlayPath, { force: true });
+  });
 }
 
 /**
@@ -101,63 +102,4 @@ export async function commitLibvirtOverlay(virsh: Virsh, domain: string, overlay
     throw new SnapshiftError('VM_SNAPSHOT_COMMIT_FAILED', `disk ${overlay.diskName} of ${domain} still runs on ${overlay.overlayPath} after its commit`);
   }
   return true;
-}
-
-class LibvirtVmSnapshot implements VmSnapshot {
-  readonly takenAt = new Date();
-  readonly #startedAt = performance.now();
-  #commit: Promise<VmSnapshotStats> | undefined;
-
-  constructor(
-    private readonly virsh: Virsh,
-    private readonly domain: string,
-    readonly overlays: readonly VmSnapshotOverlay[],
-    private readonly ledger: SnapshotLedger,
-    private readonly ledgerEntryId: number,
-  ) {}
-
-  get committed(): boolean {
-    return this.#commit !== undefined;
-  }
-
-  commit(): Promise<VmSnapshotStats> {
-    this.#commit ??= this.#commitAll();
-    return this.#commit;
-  }
-
-  async #commitAll(): Promise<VmSnapshotStats> {
-    let deltaBytesAtCommit = 0;
-    for (const overlay of this.overlays) deltaBytesAtCommit += await allocatedBytes(overlay.overlayPath);
-    const commitStartedAt = performance.now();
-    // Every disk even if one fails, so as few overlays as possible stay; the ledger row stays until all are gone.
-    const failures: unknown[] = [];
-    for (const overlay of this.overlays) {
-      try {
-        await commitLibvirtOverlay(this.virsh, this.domain, overlay);
-        await rm(overlay.overlayPath, { force: true });
-      } catch (error) {
-        failures.push(error);
-      }
-    }
-    const commitMs = performance.now() - commitStartedAt;
-    if (failures.length > 0) {
-      throw new SnapshiftError('VM_SNAPSHOT_COMMIT_FAILED', `could not commit the VM snapshot of ${this.domain} (run "snapshift hunt" to retry): ${messageOf(failures[0])}`, { cause: failures[0] });
-    }
-    faultPoint('vm-snapshot.after-commit');
-    this.ledger.clear(this.ledgerEntryId);
-    return { lifetimeMs: performance.now() - this.#startedAt, deltaBytesAtCommit, commitMs };
-  }
-
-  async [Symbol.asyncDispose](): Promise<void> {
-    await this.commit();
-  }
-}
-
-/** Bytes a file occupies on its storage (0 when gone). */
-export async function allocatedBytes(path: string): Promise<number> {
-  try {
-    return (await stat(path)).blocks * 512;
-  } catch {
-    return 0;
-  }
 }

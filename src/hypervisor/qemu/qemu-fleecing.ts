@@ -9,7 +9,8 @@ import { blockNodeNames } from './block-graph.ts';
 import { bitmapRotationActions, type BitmapRotation } from './dirty-bitmaps.ts';
 import { exportNodeReadOnly } from './qemu-nbd-export.ts';
 import type { QmpSession } from './qmp-session.ts';
-import { allocatedBytes, ScratchGuard, type ScratchGuardOptions } from './scratch-guard.ts';
+import { allocatedBytes } from '../overlay-vm-snapshot.ts';
+import { ScratchGuard, type ScratchGuardOptions } from './scratch-guard.ts';
 
 /*
  * How a point in time is read without a VM snapshot (QEMU docs, "Image fleecing"; QMP reference, blockdev-backup,

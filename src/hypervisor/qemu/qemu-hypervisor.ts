@@ -105,6 +105,7 @@ class QemuVm implements HypervisorVm {
 
   snapshot(disks: readonly VmDisk[], options: VmSnapshotOptions): Promise<VmSnapshot> {
     return takeQemuVmSnapshot(this.qmp, disks, {
+      vmName: this.name,
       tag: options.tag,
       ledger: options.ledger,
       overlayFolder: options.overlayFolder,

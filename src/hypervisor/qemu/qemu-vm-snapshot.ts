@@ -1,7 +1,8 @@
-import { stat, rm } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import { SnapshiftError } from '../../core/errors.ts';
-import type { SnapshotLedger, VmDisk, VmSnapshot, VmSnapshotOverlay, VmSnapshotStats } from '../hypervisor.ts';
-import { nextOverlayPath } from './overlay-path.ts';
+import type { SnapshotLedger, VmDisk, VmSnapshot, VmSnapshotOverlay } from '../hypervisor.ts';
+import { nextOverlayPath } from '../overlay-path.ts';
+import { assertSnapshottable, isFileProtocol, OverlayVmSnapshot } from '../overlay-vm-snapshot.ts';
 import { commitOverlay } from './block-commit.ts';
 import { blockNodeNames } from './block-graph.ts';
 import { faultPoint, faultPointAfterIo } from '../../core/fault-points.ts';
@@ -9,6 +10,8 @@ import { bitmapRotationActions, type BitmapRotation } from './dirty-bitmaps.ts';
 import type { QmpSession } from './qmp-session.ts';
 
 export interface TakeVmSnapshotOptions {
+  /** For messages. */
+  vmName?: string;
   /** Tag in overlay node names so a crash's leftovers are recognisable: `snapshift-<tag>-<n>`. */
   tag: string;
   ledger: SnapshotLedger;
@@ -20,21 +23,6 @@ export interface TakeVmSnapshotOptions {
   dirtyBitmaps?: readonly BitmapRotation[];
 }
 
-/** Formats whose images QEMU can put a qcow2 overlay on and that we know how to read back. */
-const snapshottableFormats = new Set(['qcow2', 'raw']);
-const snapshottableProtocols = new Set(['file', 'host_device']);
-
-export function assertSnapshottable(disks: readonly VmDisk[], overlayFolder?: string): void {
-  for (const disk of disks) {
-    if (!snapshottableFormats.has(disk.format)) {
-      throw new SnapshiftError('DISK_FORMAT_UNSUPPORTED', `disk ${disk.name} (${disk.imagePath}) is ${disk.format}: only qcow2 and raw disks can be snapshotted; the VM was not touched`);
-    }
-    if (!snapshottableProtocols.has(disk.protocol) && overlayFolder === undefined) {
-      throw new SnapshiftError('DISK_FORMAT_UNSUPPORTED', `disk ${disk.name} is on ${disk.protocol} (${disk.imagePath}): its overlay needs a local folder (--overlay-folder); the VM was not touched`);
-    }
-  }
-}
-
 /**
  * Takes one VM snapshot of all `disks` in a single QMP transaction, so every disk freezes at the same
  * instant: one external qcow2 overlay per disk becomes the active layer and the base turns read-only.
@@ -43,7 +31,7 @@ export async function takeQemuVmSnapshot(qmp: QmpSession, disks: readonly VmDisk
   assertSnapshottable(disks, options.overlayFolder);
   const taken = new Set<string>();
   const overlays: VmSnapshotOverlay[] = disks.map((disk, index) => {
-    const overlayPath = nextOverlayPath(disk.imagePath, snapshottableProtocols.has(disk.protocol) ? undefined : options.overlayFolder, taken);
+    const overlayPath = nextOverlayPath(disk.imagePath, isFileProtocol(disk.protocol) ? undefined : options.overlayFolder, taken);
     taken.add(overlayPath);
     return { diskName: disk.name, baseNodeName: disk.nodeName, overlayNodeName: `snapshift-${options.tag}-${index}`, overlayPath };
   });
@@ -73,7 +61,7 @@ export async function takeQemuVmSnapshot(qmp: QmpSession, disks: readonly VmDisk
   } finally {
     if (frozen) await options.quiesce!.thaw();
   }
-  return new QemuVmSnapshot(qmp, overlays, options.ledger, ledgerEntryId);
+  return new OverlayVmSnapshot(options.vmName ?? 'the VM', overlays, options.ledger, ledgerEntryId, (overlay) => commitOverlay(qmp, overlay));
 }
 
 /**
@@ -111,63 +99,4 @@ async function undoFailedTransaction(qmp: QmpSession, overlays: readonly VmSnaps
   await Promise.all(overlays.map((overlay) => rm(overlay.overlayPath, { force: true })));
   ledger.clear(ledgerEntryId);
   throw new SnapshiftError('VM_SNAPSHOT_FAILED', `the VM snapshot did not answer in time (${why}); QEMU had taken it, so it was committed at once`, { cause: error });
-}
-
-class QemuVmSnapshot implements VmSnapshot {
-  readonly takenAt = new Date();
-  readonly #startedAt = performance.now();
-  #commit: Promise<VmSnapshotStats> | undefined;
-
-  constructor(
-    private readonly qmp: QmpSession,
-    readonly overlays: readonly VmSnapshotOverlay[],
-    private readonly ledger: SnapshotLedger,
-    private readonly ledgerEntryId: number,
-  ) {}
-
-  get committed(): boolean {
-    return this.#commit !== undefined;
-  }
-
-  commit(): Promise<VmSnapshotStats> {
-    this.#commit ??= this.#commitAll();
-    return this.#commit;
-  }
-
-  async #commitAll(): Promise<VmSnapshotStats> {
-    let deltaBytesAtCommit = 0;
-    for (const overlay of this.overlays) deltaBytesAtCommit += await allocatedBytes(overlay.overlayPath);
-    const commitStartedAt = performance.now();
-    // Commit every disk even if one fails, so as few overlays as possible stay behind; the ledger row
-    // stays (for the hunter) until all are gone.
-    const failures: unknown[] = [];
-    for (const overlay of this.overlays) {
-      try {
-        await commitOverlay(this.qmp, overlay);
-      } catch (error) {
-        failures.push(error);
-      }
-    }
-    const commitMs = performance.now() - commitStartedAt;
-    if (failures.length === 0) faultPoint('vm-snapshot.after-commit');
-    if (failures.length > 0) {
-      throw new SnapshiftError('VM_SNAPSHOT_COMMIT_FAILED', `could not commit the VM snapshot (run "snapshift hunt" to retry): ${(failures[0] as Error).message}`, {
-        cause: failures[0],
-      });
-    }
-    this.ledger.clear(this.ledgerEntryId);
-    return { lifetimeMs: performance.now() - this.#startedAt, deltaBytesAtCommit, commitMs };
-  }
-
-  async [Symbol.asyncDispose](): Promise<void> {
-    await this.commit();
-  }
-}
-
-async function allocatedBytes(path: string): Promise<number> {
-  try {
-    return (await stat(path)).blocks * 512;
-  } catch {
-    return 0;
-  }
 }

@@ -1,4 +1,5 @@
-import { stat, statfs } from 'node:fs/promises';
+import { statfs } from 'node:fs/promises';
+import { allocatedBytes } from '../overlay-vm-snapshot.ts';
 import { dirname } from 'node:path';
 
 export interface ScratchGuardOptions {
@@ -16,14 +17,6 @@ export interface ScratchGuardOptions {
 const defaultMinFreeBytes = 256 * 1024 * 1024;
 const defaultPollMs = 50;
 
-/** Bytes a file occupies on its file system (0 once it is gone). */
-export async function allocatedBytes(path: string): Promise<number> {
-  try {
-    return (await stat(path)).blocks * 512;
-  } catch {
-    return 0;
-  }
-}
 
 /**
  * Watches the scratch images of a fleecing and calls `onLow` (once) before their file system can fill up.
