@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { exec } from '../core/exec.ts';
@@ -17,7 +18,13 @@ const virtioModules = [
   'drivers/virtio/virtio_pci_legacy_dev',
   'drivers/virtio/virtio_pci',
   'drivers/block/virtio_blk',
+  // virtio-serial: the guest opens its guest-agent port, so libvirt connects to the agent channel (a libvirt
+  // domain's agent counts as connected only once the guest side of the port is open: VSERPORT_CHANGE).
+  'drivers/char/virtio_console',
 ];
+
+/** Names the module set, so a cached kernel unpacked for another set is unpacked again beside it. */
+const moduleSetKey = createHash('sha256').update(virtioModules.join('\n')).digest('hex').slice(0, 8);
 
 /** A guest kernel unpacked in the cache: the bzImage and the virtio modules (uncompressed .ko). */
 export interface GuestKernel {
@@ -26,6 +33,8 @@ export interface GuestKernel {
   vmlinuzPath: string;
   /** In insmod order; each file is `<dir>/<name>.ko`. */
   modules: Array<{ name: string; path: string }>;
+  /** The module set it was unpacked for (`moduleSetKey`); a manifest of another set is not used. */
+  moduleSet?: string;
   /** Set when this call downloaded it (for measurements); absent when it came from the cache. */
   downloadMs?: number;
 }
@@ -64,12 +73,14 @@ export async function ensureGuestKernel(cacheDir: string): Promise<GuestKernel> 
       await copyModule(path.join(moduleRoot, 'kernel', modulePath), path.join(staging, 'modules', `${name}.ko`));
       moduleNames.push(name);
     }
-    const finalDir = path.join(kernelDir, kernelVersion);
+    // Beside, not over, a folder unpacked for another module set: a lab of other code may boot from it now.
+    const finalDir = path.join(kernelDir, `${kernelVersion}-${moduleSetKey}`);
     await fs.rm(finalDir, { recursive: true, force: true });
     await fs.rename(staging, finalDir);
     const kernel: GuestKernel = {
       debianPackage,
       kernelVersion,
+      moduleSet: moduleSetKey,
       vmlinuzPath: path.join(finalDir, 'vmlinuz'),
       modules: moduleNames.map((name) => ({ name, path: path.join(finalDir, 'modules', `${name}.ko`) })),
     };
@@ -133,6 +144,7 @@ async function copyModule(base: string, target: string): Promise<void> {
 async function readManifest(file: string): Promise<GuestKernel | undefined> {
   try {
     const kernel = JSON.parse(await fs.readFile(file, 'utf8')) as GuestKernel;
+    if (kernel.moduleSet !== moduleSetKey) return undefined;
     await fs.access(kernel.vmlinuzPath);
     for (const module of kernel.modules) await fs.access(module.path);
     return kernel;

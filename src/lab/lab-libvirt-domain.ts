@@ -39,8 +39,13 @@ export interface LabDomainOptions {
   /** The workload's write rate; default 1 MiB/s (TCG keeps up, overlays stay small). */
   rateMiBps?: number;
   memoryMiB?: number;
-  /** A qemu-guest-agent channel (`org.qemu.guest_agent.0`) on `<runDir>/qga.sock`. */
-  guestAgent?: boolean;
+  /**
+   * A qemu-guest-agent channel (`org.qemu.guest_agent.0`): on `<runDir>/qga.sock` (QEMU listens), or with
+   * `connectTo`, QEMU connects to a socket the test serves; libvirt's agent then connects to that socket too
+   * (libvirt opens the channel's path as a client once the guest opened its side of the port), which lets a
+   * host-run qemu-ga stand in for the guest's.
+   */
+  guestAgent?: boolean | { connectTo: string };
   /** An extra QMP monitor on `<runDir>/qmp.sock` for tests to observe QEMU (taints the domain). */
   observerQmp?: boolean;
   /** A fixed UUID: checkpoint XML names its domain's UUID, so a re-created transient domain must keep it. */
@@ -74,8 +79,9 @@ export function labDomainXml(options: LabDomainOptions): string {
     const target = disk.target ?? `vd${String.fromCharCode(97 + index)}`;
     return `    <disk type='file' device='disk'><driver name='qemu' type='${disk.format ?? 'qcow2'}'/><source file='${e(disk.path)}'/><target dev='${e(target)}' bus='virtio'/></disk>`;
   });
+  const agentSource = typeof options.guestAgent === 'object' ? `mode='connect' path='${e(options.guestAgent.connectTo)}'` : `mode='bind' path='${e(files.agentSocket)}'`;
   const agent = options.guestAgent
-    ? [`    <channel type='unix'><source mode='bind' path='${e(files.agentSocket)}'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>`]
+    ? [`    <channel type='unix'><source ${agentSource}/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>`]
     : [];
   const qmp = options.observerQmp
     ? [`  <qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='unix:${e(files.qmpSocket)},server=on,wait=off'/></qemu:commandline>`]
@@ -133,7 +139,7 @@ export class LabDomain implements AsyncDisposable {
     this.persistent = options.persistent ?? false;
     this.consoleLogPath = files.consoleLog;
     this.controlSocketPath = files.controlSocket;
-    this.agentSocketPath = options.guestAgent ? files.agentSocket : undefined;
+    this.agentSocketPath = typeof options.guestAgent === 'object' ? options.guestAgent.connectTo : options.guestAgent ? files.agentSocket : undefined;
     this.qmpSocketPath = options.observerQmp ? files.qmpSocket : undefined;
   }
 
