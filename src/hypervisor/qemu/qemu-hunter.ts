@@ -7,6 +7,7 @@ import { faultPoint } from '../../core/fault-points.ts';
 import type { HuntAction, HuntOptions } from '../hypervisor.ts';
 import { commitOverlay } from './block-commit.ts';
 import { backingChildOf, blockNodeNames, queryNamedBlockNodes } from './block-graph.ts';
+import { bitmapOwnerOf, listDirtyBitmaps, revertBitmapRotation } from './dirty-bitmaps.ts';
 import { fleecingDetailsOf, removeLeftoverFleecing, repairFleecingLedgerRow } from './fleecing-hunter.ts';
 import { removeLeftoverExports } from './qemu-nbd-export.ts';
 import type { QmpClient } from './qmp-client.ts';
@@ -28,7 +29,11 @@ export async function repairQemuLedgerEntry(entry: VmSnapshotLedgerEntry, option
   try {
     if (qmp && !options.dryRun) await removeLeftoverExports(qmp, options.isLiveTag);
     // A fleecing row's "overlays" are scratch images: never committed (that would write old data into the disk).
-    if (entry.adapter?.['fleecing'] === true) return await repairFleecingEntry(entry, qmp, options);
+    if (entry.adapter?.['fleecing'] === true) {
+      actions.push(...(await repairFleecingEntry(entry, qmp, options)));
+      if (qmp && actions.every((action) => action.action !== 'left-in-place')) actions.push(...(await revertDeadSessionBitmaps(qmp, entry, options)));
+      return actions;
+    }
     const liveNodes = qmp ? await blockNodeNames(qmp) : undefined;
     for (const overlay of entry.overlays) {
       const base = { vmName: entry.vmName, overlayPath: overlay.overlayPath };
@@ -57,8 +62,37 @@ export async function repairQemuLedgerEntry(entry: VmSnapshotLedgerEntry, option
         }
       }
     }
+    if (qmp && actions.every((action) => action.action !== 'left-in-place')) actions.push(...(await revertDeadSessionBitmaps(qmp, entry, options)));
   } finally {
     await qmp?.close();
+  }
+  return actions;
+}
+
+/**
+ * The dirty-bitmap rotation a killed task made at its VM snapshot (or fleecing start), undone as its own
+ * `finish(false)` would have: the session's new bitmap is merged back into the chain's frozen one, which records
+ * again, so the next backup is still incremental and misses no write. A ledger row means the task's restore
+ * point was never committed (its point in time is released before the commit), so the session's bitmap is in
+ * no restore point. Left alone, the next backup would find the chain's bitmap stopped and read every disk in full.
+ */
+async function revertDeadSessionBitmaps(qmp: QmpClient, entry: VmSnapshotLedgerEntry, options: HuntOptions): Promise<HuntAction[]> {
+  const tag = entry.sessionId.slice(0, 8);
+  if (options.isLiveTag(tag)) return [];
+  const actions: HuntAction[] = [];
+  for (const node of await queryNamedBlockNodes(qmp)) {
+    const nodeName = node['node-name'];
+    const bitmaps = await listDirtyBitmaps(qmp, nodeName);
+    for (const started of bitmaps.filter((bitmap) => bitmap.name.endsWith(`-${tag}`) && bitmapOwnerOf(bitmap.name).kind === 'chain' && !bitmap.busy)) {
+      const owner = bitmapOwnerOf(started.name);
+      const frozen = bitmaps.find((bitmap) => bitmap !== started && !bitmap.recording && !bitmap.busy && !bitmap.inconsistent && owner.kind === 'chain' && bitmapOwnerOf(bitmap.name).kind === 'chain' && bitmap.name.startsWith(`snapshift-${owner.chainKey}-`));
+      try {
+        if (!options.dryRun) await revertBitmapRotation(qmp, { nodeName, freeze: frozen?.name, start: { name: started.name, persistent: true } });
+        actions.push({ vmName: entry.vmName, overlayPath: `${nodeName}:${started.name}`, action: 'removed-checkpoint', detail: frozen ? `dirty bitmap ${started.name} of the killed task merged back into ${frozen.name}, which records again` : `dirty bitmap ${started.name} of the killed task removed (no earlier bitmap of its chain)` });
+      } catch (error) {
+        actions.push({ vmName: entry.vmName, overlayPath: `${nodeName}:${started.name}`, action: 'left-in-place', detail: `dirty bitmap ${started.name} could not be merged back: ${messageOf(error)}` });
+      }
+    }
   }
   return actions;
 }
