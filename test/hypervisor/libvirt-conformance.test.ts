@@ -1,11 +1,11 @@
 // The hypervisor conformance suite (test/support/hypervisor-conformance.ts) on the libvirt adapter: the lab's own
-// libvirtd, the tiny guest under TCG writing 1 MiB/s at random to vda (raw, on the lab's btrfs datastore); vdb
-// (raw) takes host-side pattern writes only. The point in time: the domain paused and its disks copied in
+// libvirtd, the tiny guest under TCG writing 1 MiB/s at random to vda (qcow2, on the lab's btrfs datastore); vdb
+// (qcow2) takes host-side pattern writes only. The point in time: the domain paused and its disks copied in
 // `beforeVmSnapshots`, resumed in `afterVmSnapshots`. A real qemu-ga (chrooted on the host, freezing only its own
 // ext4) sits behind the domain's agent channel: the channel connects to a relay that pipes libvirt to it.
 import assert from 'node:assert/strict';
 import { existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
-import { open, rm } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Catalog } from '../../src/catalog/index.ts';
 import { exec } from '../../src/core/exec.ts';
@@ -32,10 +32,11 @@ async function libvirtBed(lab: Lab): Promise<ConformanceBed> {
   const home = join(workspace.dir, 'home');
   const runDir = join(home, 'run');
   mkdirSync(runDir, { recursive: true });
-  const images = disks.map((disk) => join(folder, `${vmName}-${disk.name}.raw`));
+  const images = disks.map((disk) => join(folder, `${vmName}-${disk.name}.qcow2`));
   for (const [index, disk] of disks.entries()) {
-    await exec('truncate', ['-s', String(disk.sizeBytes), images[index]!]);
-    await exec('dd', ['if=/dev/urandom', `of=${images[index]}`, 'bs=1M', 'count=8', 'seek=4', 'conv=notrunc', 'status=none']);
+    // qcow2: libvirt's checkpoints (CBT) need images that hold bitmaps.
+    await exec('qemu-img', ['create', '-q', '-f', 'qcow2', images[index]!, String(disk.sizeBytes)]);
+    await exec('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x5a ${4 * MiB} ${8 * MiB}`, images[index]!]);
   }
   const agent = await HostGuestAgent.prepare(join(workspace.dir, 'qga'));
   const libvirt = await LabLibvirt.start({ dir: join(workspace.dir, 'lv') });
@@ -44,7 +45,7 @@ async function libvirtBed(lab: Lab): Promise<ConformanceBed> {
   try {
     domain = await LabDomain.start(virsh, {
       name: vmName,
-      disks: images.map((path) => ({ path, format: 'raw' as const })),
+      disks: images.map((path) => ({ path, format: 'qcow2' as const })),
       runDir: join(workspace.dir, 'dom'),
       guest: await labGuestBoot(useSharedTestCache()),
       rateMiBps: 1,
@@ -79,6 +80,8 @@ async function libvirtBed(lab: Lab): Promise<ConformanceBed> {
     vmName,
     disks,
     storageSnapshots: true,
+    // libvirt refuses agent commands to a paused domain: a quiesced backup cannot be bracketed by a pause.
+    probePausesGuest: true,
 
     probe() {
       const references = new Map<string, string>();
@@ -89,7 +92,7 @@ async function libvirtBed(lab: Lab): Promise<ConformanceBed> {
             await flush();
             for (const [index, disk] of disks.entries()) {
               const reference = join(workspace.dir, `reference-${disk.name}.raw`);
-              await exec('cp', ['--sparse=always', images[index]!, reference]);
+              await exec('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', images[index]!, reference]);
               references.set(disk.name, reference);
             }
           },
@@ -151,9 +154,8 @@ async function libvirtBed(lab: Lab): Promise<ConformanceBed> {
       await domain.writePattern('vdb', offset, 64 * 1024, pattern);
       return async () => {
         await flush();
-        await using file = await open(images[1]!, 'r');
-        const { buffer } = await file.read(Buffer.alloc(64 * 1024), 0, 64 * 1024, offset);
-        assert.ok(buffer.every((byte) => byte === pattern), `the write made while it was open is on vdb's own image (0x${pattern.toString(16)} at ${offset})`);
+        const { stdout } = await exec('qemu-io', ['-U', '-r', '-f', 'qcow2', '-c', `read -P 0x${pattern.toString(16)} ${offset} ${64 * 1024}`, images[1]!]);
+        assert.doesNotMatch(stdout, /Pattern verification failed/, `the write made while it was open is in vdb's own image (0x${pattern.toString(16)} at ${offset})`);
       };
     },
 

@@ -68,6 +68,7 @@ async function qemuBed(lab: Lab): Promise<ConformanceBed> {
     vmName,
     disks: disks.map(({ name, sizeBytes }) => ({ name, sizeBytes })),
     storageSnapshots: true,
+    probePausesGuest: false,
 
     probe() {
       let before: number[] = [];
