@@ -53,6 +53,7 @@ export const errorCodes = {
   QGA_DISCONNECTED: { exitStatus: failed, meaning: 'the guest agent channel closed' },
   QGA_TIMEOUT: { exitStatus: failed, meaning: 'the guest agent did not answer in time (is qemu-ga running in the guest?)' },
   QGA_COMMAND_FAILED: { exitStatus: failed, meaning: 'the guest agent refused a command (e.g. freezing file systems)' },
+  QUIESCE_THAW_FAILED: { exitStatus: failed, meaning: 'the guest\'s file systems could not be thawed after the VM snapshot or fleecing started: it was undone; check the guest is not left frozen' },
   VM_HAS_NO_DISKS: { exitStatus: failed, meaning: 'the VM has no disk to back up' },
   DISK_FORMAT_UNSUPPORTED: { exitStatus: failed, meaning: 'a disk\'s format cannot be snapshotted (only qcow2 and raw)' },
   DISK_SIZE_MISMATCH: { exitStatus: failed, meaning: 'the exported disk\'s size differs from what QEMU reports' },

@@ -2,6 +2,7 @@ import { rm } from 'node:fs/promises';
 import { SnapshiftError, messageOf } from '../../core/errors.ts';
 import { faultPoint } from '../../core/fault-points.ts';
 import type { DiskExport, Fleece, FleeceOptions, FleeceStats, SnapshotLedger, VmDisk, VmSnapshotOverlay } from '../hypervisor.ts';
+import { whileGuestFrozen } from '../guest-freeze.ts';
 import { isLibvirtCbtPlan } from './libvirt-cbt.ts';
 import { backupSocketPath, scratchFolderOf, scratchPath } from './libvirt-names.ts';
 import { allocatedBytes } from '../overlay-vm-snapshot.ts';
@@ -38,17 +39,12 @@ export async function startLibvirtFleecing(virsh: Virsh, domain: { name: string;
   faultPoint('fleece.after-ledger-intent');
   await rm(socketPath, { force: true });
   const wanted = new Set(disks.map((disk) => disk.name));
-  let frozen = false;
   try {
-    if (options.quiesce) {
-      await options.quiesce.freeze();
-      frozen = true;
-    }
-    await virsh.backupBegin(domain.name, pullBackupXml({ socketPath, disks: jobDisks, excludedDisks: domain.allTargets.filter((target) => !wanted.has(target)) }), cbt ? { checkpointXml: cbt.newCheckpointXml } : {});
+    await whileGuestFrozen(options.quiesce, () =>
+      virsh.backupBegin(domain.name, pullBackupXml({ socketPath, disks: jobDisks, excludedDisks: domain.allTargets.filter((target) => !wanted.has(target)) }), cbt ? { checkpointXml: cbt.newCheckpointXml } : {}),
+    );
   } catch (error) {
     await undoFailedStart(virsh, domain.name, socketPath, scratchFiles, options.ledger, ledgerEntryId, error);
-  } finally {
-    if (frozen) await options.quiesce!.thaw();
   }
   faultPoint('fleece.after-start');
   if (cbt) await cbt.trackingStartedWithJob(socketPath);

@@ -4,6 +4,7 @@ import { faultPoint } from '../../core/fault-points.ts';
 import type { SnapshotLedger, VmDisk, VmSnapshot, VmSnapshotOptions, VmSnapshotOverlay } from '../hypervisor.ts';
 import { nextOverlayPath } from '../overlay-path.ts';
 import { assertSnapshottable, isFileProtocol, OverlayVmSnapshot } from '../overlay-vm-snapshot.ts';
+import { whileGuestFrozen } from '../guest-freeze.ts';
 import { isLibvirtCbtPlan } from './libvirt-cbt.ts';
 import type { Virsh } from './virsh.ts';
 
@@ -35,23 +36,19 @@ export async function takeLibvirtVmSnapshot(virsh: Virsh, domain: { name: string
 
   // The new checkpoint just before the snapshot: writes in between are in both it and the base (read twice, never missed).
   if (isLibvirtCbtPlan(options.cbt)) await options.cbt.startTracking();
-  let frozen = false;
   try {
-    if (options.quiesce) {
-      await options.quiesce.freeze();
-      frozen = true;
-    }
-    const wanted = new Set(disks.map((disk) => disk.name));
-    await virsh.snapshotCreateDiskOnly(domain.name, {
-      overlays: overlays.map((overlay) => ({ disk: overlay.diskName, overlayPath: overlay.overlayPath })),
-      // Every other disk explicitly not: libvirt would give an unnamed disk an overlay of its own choosing.
-      excludedDisks: domain.allTargets.filter((target) => !wanted.has(target)),
+    // Thawed before any undo below: the guest waits on its frozen file systems no longer than the snapshot.
+    await whileGuestFrozen(options.quiesce, async () => {
+      const wanted = new Set(disks.map((disk) => disk.name));
+      await virsh.snapshotCreateDiskOnly(domain.name, {
+        overlays: overlays.map((overlay) => ({ disk: overlay.diskName, overlayPath: overlay.overlayPath })),
+        // Every other disk explicitly not: libvirt would give an unnamed disk an overlay of its own choosing.
+        excludedDisks: domain.allTargets.filter((target) => !wanted.has(target)),
+      });
+      faultPoint('vm-snapshot.after-transaction');
     });
-    faultPoint('vm-snapshot.after-transaction');
   } catch (error) {
     await undoFailedSnapshot(virsh, domain.name, overlays, options.ledger, ledgerEntryId, error);
-  } finally {
-    if (frozen) await options.quiesce!.thaw();
   }
   return new OverlayVmSnapshot(domain.name, overlays, options.ledger, ledgerEntryId, async (overlay) => {
     await commitLibvirtOverlay(virsh, domain.name, overlay);

@@ -4,6 +4,7 @@ import { exec } from '../../core/exec.ts';
 import { SnapshiftError, messageOf } from '../../core/errors.ts';
 import { faultPoint, faultPointAfterIo } from '../../core/fault-points.ts';
 import { pathExists } from '../../core/fs-probe.ts';
+import { whileGuestFrozen } from '../guest-freeze.ts';
 import type { DiskExport, Fleece, FleeceStats, VmDisk } from '../hypervisor.ts';
 import { blockNodeNames } from './block-graph.ts';
 import { bitmapRotationActions, type BitmapRotation } from './dirty-bitmaps.ts';
@@ -194,32 +195,30 @@ export async function startQemuFleecing(qmp: QmpSession, disks: readonly VmDisk[
         discard: 'unmap',
       });
     }
-    if (options.quiesce) await options.quiesce.freeze();
-    const transactionStartedAt = performance.now();
-    const transaction = qmp.execute('transaction', {
-      actions: [
-        // Bitmaps first, as in the VM snapshot's transaction: all actions apply with the guest's I/O drained.
-        ...bitmapRotationActions(options.dirtyBitmaps ?? []),
-        ...planned.map(({ disk, names }) => ({
-          type: 'blockdev-backup',
-          data: {
-            'job-id': names.jobId,
-            device: disk.nodeName,
-            target: names.scratchNodeName,
-            sync: 'none',
-            'filter-node-name': names.filterNodeName,
-            ...(breakSnapshotSupported ? { 'on-cbw-error': 'break-snapshot' } : {}),
-          },
-        })),
-      ],
-    });
-    try {
+    let transactionStartedAt = 0;
+    // Thawed at once, whatever the transaction's outcome: the guest's writes are copied from here on.
+    await whileGuestFrozen(options.quiesce, async () => {
+      transactionStartedAt = performance.now();
+      const transaction = qmp.execute('transaction', {
+        actions: [
+          // Bitmaps first, as in the VM snapshot's transaction: all actions apply with the guest's I/O drained.
+          ...bitmapRotationActions(options.dirtyBitmaps ?? []),
+          ...planned.map(({ disk, names }) => ({
+            type: 'blockdev-backup',
+            data: {
+              'job-id': names.jobId,
+              device: disk.nodeName,
+              target: names.scratchNodeName,
+              sync: 'none',
+              'filter-node-name': names.filterNodeName,
+              ...(breakSnapshotSupported ? { 'on-cbw-error': 'break-snapshot' } : {}),
+            },
+          })),
+        ],
+      });
       await faultPointAfterIo('fleece.transaction-sent');
       await transaction;
-    } finally {
-      // Thawed at once, whatever the transaction's outcome: the guest's writes are copied from here on.
-      if (options.quiesce) await options.quiesce.thaw();
-    }
+    });
     startedAt = performance.now();
     takenAt = new Date();
     transactionMs = startedAt - transactionStartedAt;

@@ -8,6 +8,7 @@ import { blockNodeNames } from './block-graph.ts';
 import { faultPoint, faultPointAfterIo } from '../../core/fault-points.ts';
 import { bitmapRotationActions, type BitmapRotation } from './dirty-bitmaps.ts';
 import type { QmpSession } from './qmp-session.ts';
+import { whileGuestFrozen } from '../guest-freeze.ts';
 
 export interface TakeVmSnapshotOptions {
   /** For messages. */
@@ -38,28 +39,24 @@ export async function takeQemuVmSnapshot(qmp: QmpSession, disks: readonly VmDisk
 
   const ledgerEntryId = options.ledger.recordIntent(overlays);
   faultPoint('vm-snapshot.after-ledger-intent');
-  let frozen = false;
   try {
-    if (options.quiesce) {
-      await options.quiesce.freeze();
-      frozen = true;
-    }
-    const transaction = qmp.execute('transaction', {
-      actions: [
-        ...bitmapRotationActions(options.dirtyBitmaps ?? []),
-        ...overlays.map((overlay) => ({
-          type: 'blockdev-snapshot-sync',
-          data: { 'node-name': overlay.baseNodeName, 'snapshot-file': overlay.overlayPath, 'snapshot-node-name': overlay.overlayNodeName, format: 'qcow2' },
-        })),
-      ],
+    // Thawed before any undo below: the guest waits on its frozen file systems no longer than the transaction.
+    await whileGuestFrozen(options.quiesce, async () => {
+      const transaction = qmp.execute('transaction', {
+        actions: [
+          ...bitmapRotationActions(options.dirtyBitmaps ?? []),
+          ...overlays.map((overlay) => ({
+            type: 'blockdev-snapshot-sync',
+            data: { 'node-name': overlay.baseNodeName, 'snapshot-file': overlay.overlayPath, 'snapshot-node-name': overlay.overlayNodeName, format: 'qcow2' },
+          })),
+        ],
+      });
+      await faultPointAfterIo('vm-snapshot.transaction-sent');
+      await transaction;
+      faultPoint('vm-snapshot.after-transaction');
     });
-    await faultPointAfterIo('vm-snapshot.transaction-sent');
-    await transaction;
-    faultPoint('vm-snapshot.after-transaction');
   } catch (error) {
     await undoFailedTransaction(qmp, overlays, options.ledger, ledgerEntryId, error);
-  } finally {
-    if (frozen) await options.quiesce!.thaw();
   }
   return new OverlayVmSnapshot(options.vmName ?? 'the VM', overlays, options.ledger, ledgerEntryId, (overlay) => commitOverlay(qmp, overlay));
 }
@@ -94,9 +91,9 @@ async function undoFailedTransaction(qmp: QmpSession, overlays: readonly VmSnaps
   const failures: string[] = [];
   for (const overlay of active) await commitOverlay(qmp, overlay).catch((commitError: unknown) => failures.push((commitError as Error).message));
   if (failures.length > 0) {
-    throw new SnapshiftError('VM_SNAPSHOT_FAILED', `the VM snapshot timed out (${why}) but QEMU had taken it, and committing it failed (${failures[0]}): run "snapshift hunt"`, { cause: error });
+    throw new SnapshiftError('VM_SNAPSHOT_FAILED', `the VM snapshot failed (${why}) after QEMU had taken it, and committing it failed (${failures[0]}): run "snapshift hunt"`, { cause: error });
   }
   await Promise.all(overlays.map((overlay) => rm(overlay.overlayPath, { force: true })));
   ledger.clear(ledgerEntryId);
-  throw new SnapshiftError('VM_SNAPSHOT_FAILED', `the VM snapshot did not answer in time (${why}); QEMU had taken it, so it was committed at once`, { cause: error });
+  throw new SnapshiftError('VM_SNAPSHOT_FAILED', `the VM snapshot failed (${why}) after QEMU had taken it, so it was committed at once`, { cause: error });
 }
