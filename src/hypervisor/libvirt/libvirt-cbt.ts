@@ -163,7 +163,7 @@ async function redefine(virsh: Virsh, domain: string, previous: LibvirtCbtRecord
 }
 
 /** Deletes a checkpoint, merging its bitmaps into its parent's; one whose bitmaps are broken loses its metadata only. */
-async function deleteCheckpoint(virsh: Virsh, domain: string, name: string): Promise<void> {
+export async function deleteCheckpoint(virsh: Virsh, domain: string, name: string): Promise<void> {
   try {
     await virsh.checkpointDelete(domain, name);
   } catch (error) {

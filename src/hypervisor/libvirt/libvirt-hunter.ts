@@ -7,7 +7,8 @@ import { SnapshiftError, messageOf } from '../../core/errors.ts';
 import { faultPoint } from '../../core/fault-points.ts';
 import type { HuntAction, HuntOptions } from '../hypervisor.ts';
 import { isProtectedDisk } from './libvirt-disks.ts';
-import { tagInName } from './libvirt-names.ts';
+import { deleteCheckpoint } from './libvirt-cbt.ts';
+import { chainKeyOfCheckpoint, tagInName } from './libvirt-names.ts';
 import { commitLibvirtOverlay } from './libvirt-vm-snapshot.ts';
 import type { LibvirtDisk } from './libvirt-xml.ts';
 import type { LibvirtDomainSummary, Virsh } from './virsh.ts';
@@ -40,8 +41,48 @@ function text(details: Record<string, unknown> | undefined, key: string): string
  * on is committed live (a commit job the task had started is finished); an overlay of a domain that is gone
  * is committed offline with qemu-img (which refuses while anyone holds the image); a file nothing uses goes.
  * A fleecing: its backup job (found by our socket) is aborted, and scratch files libvirt left are removed.
+ * Then the checkpoint the task had created (named with its tag) is deleted: its restore point was never
+ * committed, so nothing will read from it, and libvirt merges its bitmaps into its parent's (the chain's
+ * checkpoint), so every write since the chain's last backup stays tracked.
  */
 export async function repairLibvirtLedgerEntry(virsh: Virsh, entry: VmSnapshotLedgerEntry, options: HuntOptions): Promise<HuntAction[]> {
+  const actions = await repairLedgerOperation(virsh, entry, options);
+  const domainName = text(entry.adapter, 'domain')!;
+  if (actions.some((action) => action.action === 'left-in-place')) return actions; // the checkpoint waits for the next hunt
+  actions.push(...(await removeSessionCheckpoints(virsh, domainName, entry, options)));
+  return actions;
+}
+
+/**
+ * Deletes the checkpoints of the ledger row's session (`snapshift-<chainKey>-<tag>`) on a running domain,
+ * after aborting a changed-block query job of that session (libvirt deletes no checkpoint under a backup job).
+ */
+async function removeSessionCheckpoints(virsh: Virsh, domainName: string, entry: VmSnapshotLedgerEntry, options: HuntOptions): Promise<HuntAction[]> {
+  const tag = entry.sessionId.slice(0, 8);
+  if (options.isLiveTag(tag)) return [];
+  const now = await domainNow(virsh, domainName);
+  if (now.kind !== 'running') return []; // the next backup's plan deletes it, once the domain runs
+  const checkpoints = (await virsh.checkpointNames(domainName)).filter((name) => chainKeyOfCheckpoint(name) !== undefined && name.endsWith(`-${tag}`));
+  if (checkpoints.length === 0) return [];
+  const actions: HuntAction[] = [];
+  const job = await virsh.backupJob(domainName);
+  const jobSocket = job?.server?.socketPath;
+  if (jobSocket !== undefined && tagInName(jobSocket) === tag) {
+    if (!options.dryRun) await virsh.jobAbort(domainName);
+    actions.push({ vmName: entry.vmName, overlayPath: jobSocket, action: 'removed-export', detail: `pull backup job of session ${tag}, which no longer runs, aborted` });
+  }
+  for (const name of checkpoints) {
+    try {
+      if (!options.dryRun) await deleteCheckpoint(virsh, domainName, name);
+      actions.push({ vmName: entry.vmName, overlayPath: name, action: 'removed-checkpoint', detail: `checkpoint of session ${tag}, which never made its restore point, deleted (its bitmaps merged into its parent's)` });
+    } catch (error) {
+      actions.push({ vmName: entry.vmName, overlayPath: name, action: 'left-in-place', detail: `checkpoint of session ${tag} could not be deleted: ${messageOf(error)}` });
+    }
+  }
+  return actions;
+}
+
+async function repairLedgerOperation(virsh: Virsh, entry: VmSnapshotLedgerEntry, options: HuntOptions): Promise<HuntAction[]> {
   const domainName = text(entry.adapter, 'domain');
   if (!domainName) throw new SnapshiftError('LEDGER_ENTRY_BAD', `ledger row ${entry.id} of ${entry.vmName} names no libvirt domain`);
   const now = await domainNow(virsh, domainName);
