@@ -147,7 +147,8 @@ async function qemuBed(lab: Lab): Promise<ConformanceBed> {
     agent,
     async agentFreezeStatus() {
       await using guestAgent = await GuestAgent.connect(agent.socketPath);
-      return guestAgent.execute<string>('guest-fsfreeze-status');
+      // Awaited here: `await using` closes the connection as the function returns, before a returned promise settles.
+      return await guestAgent.execute<string>('guest-fsfreeze-status');
     },
 
     async close() {

@@ -253,11 +253,16 @@ export function describeHypervisorConformance(adapter: string, makeBed: (lab: La
           }
 
           await bedNow.agent.start('refuses-freeze');
-          const refused = await backup('regular', { quiesce: true });
-          assert.match(refused.error?.message ?? '', /guest-fsfreeze-freeze.*disabled|disabled.*guest-fsfreeze-freeze/i, `a refused freeze fails the backup, saying why: ${refused.error?.message}`);
-          assert.equal(await bedNow.agentFreezeStatus(), 'thawed');
-          await assertClean('freeze refused');
-          t.diagnostic(`freeze refused: ${refused.error?.message}`);
+          for (const mode of ['regular', 'fleecing'] as const) {
+            const before = bedNow.agent.events().length;
+            const refused = await backup(mode, { quiesce: true });
+            assert.match(refused.error?.message ?? '', /guest-fsfreeze-freeze.*disabled|disabled.*guest-fsfreeze-freeze/i, `${mode}: a refused freeze fails the backup, saying why: ${refused.error?.message}`);
+            // qemu-ga runs its thaw hook on every thaw: 'thaw' here proves the adapter thawed after the failed freeze.
+            assert.deepEqual(bedNow.agent.events().slice(before), ['thaw'], `${mode}: a thaw followed the refused freeze`);
+            assert.equal(await bedNow.agentFreezeStatus(), 'thawed');
+            await assertClean(`${mode}, freeze refused`);
+            t.diagnostic(`${mode}, freeze refused: ${refused.error?.message}`);
+          }
 
           await bedNow.agent.stop();
           const absent = await backup('regular', { quiesce: true });
