@@ -28,7 +28,7 @@ export function registerBackupCommands(program: Command): void {
         .option('--vms-per-storage-snapshot <n>', 'at most this many VMs share one storage snapshot', numberOption('--vms-per-storage-snapshot'), jobDefaults.vmsPerStorageSnapshot)
         .option('--full', 'read every disk in full, even where changed-block tracking could limit the read')
         .option('--max-read-rate <MBps>', 'cap the read rate (whole MB/s), e.g. to spare a busy production link', numberOption('--max-read-rate', { unit: 'MB/s' }))
-        .option('--quiesce', 'freeze guest file systems through the guest agent during the VM snapshot (host add --qga)')
+        .option('--quiesce', 'freeze guest file systems through the guest agent at the point in time: the VM snapshot or the fleecing start (qemu: host add --qga; libvirt: its agent channel)')
         .option('--overlay-folder <dir>', 'local folder for the VM snapshot overlays of disks that are not files (RBD); default <home>/overlays')
         .option('--json', 'print the result as JSON')
         .option('--quiet', 'no progress bar'),

@@ -54,7 +54,7 @@ function addJobFlags(command: Command): Command {
     .option('--mode <mode>', `storage-snapshot or regular (default ${jobDefaults.mode}, as for "snapshift backup")`)
     .option('--failover-to-regular', 'fall back to regular mode when a storage snapshot fails (default on)')
     .option('--no-failover-to-regular', 'fail the VM instead of falling back')
-    .option('--quiesce', 'freeze guest file systems through the QEMU guest agent during the VM snapshot')
+    .option('--quiesce', 'freeze guest file systems through the guest agent at the point in time (VM snapshot or fleecing start)')
     .option('--vms-per-storage-snapshot <n>', `at most this many VMs share one storage snapshot (default ${jobDefaults.vmsPerStorageSnapshot})`, numberOption('--vms-per-storage-snapshot'))
     .option('--parallel <n>', `tasks run at once (default ${jobDefaults.parallel})`, numberOption('--parallel'))
     .option('--keep-last <n>', 'retention: keep the last N restore points per VM', numberOption('--keep-last'))

@@ -122,7 +122,7 @@ describe('changed-block tracking with two repositories for one VM (local + offsi
 
   async function bitmapsOf(daemon: StorageDaemon) {
     await using qmp = await QmpClient.connect(daemon.qmpSocketPath);
-    return listDirtyBitmaps(qmp, 'disk0');
+    return await listDirtyBitmaps(qmp, 'disk0'); // awaited before the connection is disposed
   }
 
   /** The bitmap the latest restore point of `vmName` in `repository` names for disk0. */

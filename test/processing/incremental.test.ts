@@ -140,7 +140,7 @@ describe('incremental backups from QEMU dirty bitmaps, guest-less', () => {
 
   async function bitmapsOf(vm: TestVm, disk: string) {
     await using qmp = await QmpClient.connect(vm.daemon.qmpSocketPath);
-    return listDirtyBitmaps(qmp, disk);
+    return await listDirtyBitmaps(qmp, disk); // awaited before the connection is disposed
   }
 
   test('full, then 3 incrementals with writes between and during backups: each restores to its point in time, reading only what changed', async () => {

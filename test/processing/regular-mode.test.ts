@@ -24,7 +24,7 @@ async function guestWrite(daemon: StorageDaemon, exportName: string, offset: num
 
 async function guestRead(daemon: StorageDaemon, exportName: string, offset: number, length: number): Promise<Buffer> {
   await using nbd = await NbdClient.connect({ socketPath: daemon.nbdSocketPath, exportName });
-  return nbd.read(offset, length);
+  return await nbd.read(offset, length); // awaited before the connection is disposed
 }
 
 describe('regular processing, guest-less (qemu-storage-daemon)', () => {

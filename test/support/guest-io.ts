@@ -12,7 +12,7 @@ export async function guestWrite(daemon: StorageDaemon, offset: number, data: Bu
 /** Reads what the guest sees at `offset`. */
 export async function guestRead(daemon: StorageDaemon, offset: number, length: number, exportName = 'disk0'): Promise<Buffer> {
   await using nbd = await NbdClient.connect({ socketPath: daemon.nbdSocketPath, exportName });
-  return nbd.read(offset, length);
+  return await nbd.read(offset, length); // awaited before the connection is disposed
 }
 
 /** Block nodes named by us (overlays) still in the daemon's graph: none once a VM snapshot is committed. */

@@ -26,7 +26,7 @@ export async function planLibvirtQuiesce(virsh: Virsh, domain: string, wanted: b
         await virsh.fsThaw(domain);
       },
     },
-    note: 'quiesced: guest file systems frozen through the guest agent (libvirt domfsfreeze) during the VM snapshot',
+    note: 'quiesced: guest file systems frozen through the guest agent (libvirt domfsfreeze) at the point in time (VM snapshot or fleecing start)',
     async [Symbol.asyncDispose]() {},
   };
 }

@@ -18,7 +18,7 @@ export async function planQemuQuiesce(qgaSocketPath: string | null | undefined, 
   }
   return {
     quiesce: guestAgentQuiesce(agent),
-    note: 'quiesced: guest file systems frozen through the guest agent during the VM snapshot',
+    note: 'quiesced: guest file systems frozen through the guest agent at the point in time (VM snapshot or fleecing start)',
     async [Symbol.asyncDispose]() {
       await agent.close();
     },
