@@ -39,6 +39,8 @@ export class NbdServer implements AsyncDisposable {
   readonly stats: NbdServerStats = { connectionsAccepted: 0, readRequests: 0, dataBytesSent: 0, holeBytesSent: 0 };
   #tcpAddress: { host: string; port: number } | undefined;
   #closing: Promise<void> | undefined;
+  /** The socket file is ours to remove only once we listened on it. */
+  #ownsSocketFile = false;
 
   private constructor(options: NbdServerOptions) {
     this.#options = options;
@@ -55,6 +57,7 @@ export class NbdServer implements AsyncDisposable {
       if (options.socketPath) {
         await removeStaleSocket(options.socketPath);
         await server.#listen((listener) => listener.listen(options.socketPath), `unix socket ${options.socketPath}`);
+        server.#ownsSocketFile = true;
       }
       if (options.tcp) {
         const listener = await server.#listen((l) => l.listen(options.tcp!.port, options.tcp!.host), `TCP ${options.tcp.host}:${options.tcp.port}`);
@@ -101,7 +104,7 @@ export class NbdServer implements AsyncDisposable {
     const closed = this.#listeners.map((listener) => new Promise<void>((resolve) => listener.close(() => resolve())));
     for (const connection of this.#connections) connection.destroy();
     await Promise.all([...closed, ...[...this.#connections].map((connection) => connection.finished)]);
-    if (this.#options.socketPath) await rm(this.#options.socketPath, { force: true });
+    if (this.#options.socketPath && this.#ownsSocketFile) await rm(this.#options.socketPath, { force: true });
   }
 
   #listen(start: (listener: Server) => void, where: string): Promise<Server> {
