@@ -102,7 +102,8 @@ async function requireFolder(folder: string, target: string): Promise<void> {
   );
 }
 
-function resolvePoint(catalog: Catalog, vmName: string, point: string): string {
+/** A restore point id from --point: "latest" is the VM's newest in the catalog; anything else is an id or prefix. */
+export function resolvePoint(catalog: Catalog, vmName: string, point: string): string {
   if (point !== 'latest') return point;
   const latest = catalog.listRestorePoints(vmName).at(-1);
   if (!latest) throw new SnapshiftError('RESTORE_POINT_UNKNOWN', `no restore points for ${vmName} in the catalog (a new or lost catalog? run "snapshift catalog sync --repo PATH", or give --point ID)`);
