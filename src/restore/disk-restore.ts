@@ -88,7 +88,10 @@ export async function restoreDisk(reader: RestorePointReader, diskName: string, 
   }
 }
 
-/** Raw file, in disk order: a bounded window of chunk reads ahead of the writes; zero chunks are skipped (sparse). */
+/**
+ * Raw file, in disk order: only data chunks are read (a bounded window of them in flight ahead of the
+ * writes); zero chunks are never written, so the file stays sparse.
+ */
 async function writeRawFile(source: RestorePointExport, partialPath: string, options: DiskRestoreOptions, stopped: () => SnapshiftError): Promise<number> {
   const sizeBytes = source.sizeBytes;
   const chunkSize = options.chunkSizeBytes;
@@ -97,22 +100,25 @@ async function writeRawFile(source: RestorePointExport, partialPath: string, opt
   let writtenBytes = 0;
   try {
     await file.truncate(sizeBytes);
-    const chunkCount = Math.ceil(sizeBytes / chunkSize);
-    const window = Math.max(1, options.readAhead ?? 8);
-    const pending: Array<Promise<Awaited<ReturnType<RestorePointExport['read']>>>> = [];
-    const startRead = (index: number) => {
-      const offset = index * chunkSize;
-      const read = source.read(offset, Math.min(chunkSize, sizeBytes - offset));
-      read.catch(() => undefined);
-      return read;
+    const window = Math.max(1, options.readAhead ?? 16);
+    const dataChunks = dataChunkOffsets(source, chunkSize);
+    const pending: Array<{ offset: number; pieces: ReturnType<RestorePointExport['read']> }> = [];
+    const fill = () => {
+      while (pending.length < window) {
+        const next = dataChunks.next();
+        if (next.done) return;
+        const pieces = source.read(next.value, Math.min(chunkSize, sizeBytes - next.value));
+        pieces.catch(() => undefined);
+        pending.push({ offset: next.value, pieces });
+      }
     };
-    let next = 0;
-    for (let index = 0; index < chunkCount; index++) {
-      while (next < chunkCount && next < index + window) pending.push(startRead(next++));
-      const pieces = await pending.shift()!;
-      if (signal?.aborted) throw stopped();
-      let at = index * chunkSize;
-      for (const piece of pieces) {
+    fill();
+    while (pending.length > 0) {
+      const { offset, pieces } = pending.shift()!;
+      fill();
+      let at = offset;
+      for (const piece of await pieces) {
+        if (signal?.aborted) throw stopped();
         if (piece.data) {
           await file.write(piece.data, 0, piece.lengthBytes, at);
           writtenBytes += piece.lengthBytes;
@@ -120,13 +126,22 @@ async function writeRawFile(source: RestorePointExport, partialPath: string, opt
         }
         at += piece.lengthBytes;
       }
-      options.onProgress?.(Math.min(sizeBytes, (index + 1) * chunkSize), sizeBytes);
+      options.onProgress?.(Math.min(sizeBytes, offset + chunkSize), sizeBytes);
     }
+    if (signal?.aborted) throw stopped();
     await file.sync();
   } finally {
     await file.close();
   }
+  options.onProgress?.(sizeBytes, sizeBytes);
   return writtenBytes;
+}
+
+/** Offsets of the chunks that hold data, in disk order. */
+function* dataChunkOffsets(source: RestorePointExport, chunkSize: number): Generator<number> {
+  for (let offset = 0; offset < source.sizeBytes; offset += chunkSize) {
+    if (!source.isZeroAt(offset)) yield offset;
+  }
 }
 
 /** qcow2, block devices and RBD: qemu-img reads our NBD server (block status first, so holes are never read). */

@@ -86,8 +86,12 @@ export class RestorePointExport implements NbdExportSource, AsyncDisposable {
     const decodes: Array<Promise<Buffer> | undefined> = [];
     for (let index = first; index <= last; index++) decodes.push(this.#isZero(index) ? undefined : this.#chunk(index));
     if (sequential) {
-      for (let index = last + 1, queued = 0; index < this.#chunkCount && queued < this.#readAheadChunks; index++, queued++) {
-        if (!this.#isZero(index) && !this.#cache.has(index)) void this.#chunk(index).catch(() => undefined);
+      // The next data chunks (zero chunks cost nothing and do not count), looking at most 64 chunks past the window.
+      const scanEnd = Math.min(this.#chunkCount, last + 1 + this.#readAheadChunks + 64);
+      for (let index = last + 1, queued = 0; index < scanEnd && queued < this.#readAheadChunks; index++) {
+        if (this.#isZero(index)) continue;
+        queued++;
+        if (!this.#cache.has(index)) void this.#chunk(index).catch(() => undefined);
       }
     }
     const pieces: ExportPiece[] = [];
@@ -128,6 +132,12 @@ export class RestorePointExport implements NbdExportSource, AsyncDisposable {
       at = to;
     }
     return extents;
+  }
+
+  /** True when the chunk holding byte `offsetBytes` is a zero chunk (stored nowhere, reads as zeros). */
+  isZeroAt(offsetBytes: number): boolean {
+    this.#checkRange(offsetBytes, 1);
+    return this.#isZero(Math.floor(offsetBytes / this.#chunkSizeBytes));
   }
 
   /** Releases the repository lock; reads after this fail. */
