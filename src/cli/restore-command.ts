@@ -21,8 +21,8 @@ export function registerRestoreCommand(program: Command): void {
         .argument('<vm>', 'VM name')
         .requiredOption(
           '--to <path>',
-          'target file or block device for one disk, or rbd:POOL/IMAGE (raw; several disks become IMAGE-<disk>); a folder (created if missing, in a folder that exists) ' +
-            'when the restore point has several disks or with --all-disks, each disk written there as <disk>.<format>; an existing folder also takes a single disk',
+          'target file for one disk; a folder (created if missing, in a folder that exists) when the restore point has several disks or with --all-disks, ' +
+            'each disk written there as <disk>.<format>; an existing folder also takes a single disk. Also a block device (with --force), or rbd:POOL/IMAGE (raw; several disks become IMAGE-<disk>)',
         )
         .option('--point <id>', 'restore point id or unique prefix, or "latest"', 'latest')
         .option('--disk <name>', 'restore only this disk')
