@@ -80,9 +80,10 @@ export class RestorePointExport implements NbdExportSource, AsyncDisposable {
     const end = offsetBytes + lengthBytes;
     const first = Math.floor(offsetBytes / this.#chunkSizeBytes);
     const last = lengthBytes === 0 ? first - 1 : Math.floor((end - 1) / this.#chunkSizeBytes);
-    // Sequential: this read starts where (or just after where) the last one ended.
+    // Sequential: this read starts where the last one ended, or (parallel readers such as qemu-img's
+    // coroutines arrive out of order) the chunk before it was read recently.
     const sequential = first === 0 || this.#lastChunkRead === first - 1 || this.#lastChunkRead === first || this.#cache.has(first - 1);
-    this.#lastChunkRead = Math.max(last, this.#lastChunkRead === first - 1 ? last : this.#lastChunkRead);
+    this.#lastChunkRead = last;
     const decodes: Array<Promise<Buffer> | undefined> = [];
     for (let index = first; index <= last; index++) decodes.push(this.#isZero(index) ? undefined : this.#chunk(index));
     if (sequential) {
