@@ -1,4 +1,4 @@
-import { mkdtemp, open, rm, rename, stat } from 'node:fs/promises';
+import { mkdtemp, open, rm, rename, stat, type FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { SnapshiftError, messageOf } from '../core/errors.ts';
@@ -7,6 +7,7 @@ import { exec } from '../core/exec.ts';
 import { pathExists } from '../core/fs-probe.ts';
 import { NbdServer } from '../datamover/nbd/index.ts';
 import type { RestorePointReader } from '../repository/index.ts';
+import { qcow2Layout } from './qcow2-layout.ts';
 import { qemuImgConvert } from './qemu-img-convert.ts';
 import { RestorePointExport } from './restore-point-export.ts';
 
@@ -41,9 +42,10 @@ export async function restoreTargetOf(to: string): Promise<RestoreTarget> {
 /**
  * Writes one disk of a restore point in one pass, read through the restore point's NBD export source (which
  * holds a shared repository lock while it serves, so gc cannot delete packs under it; docs/FORMAT.md § Locks):
- * - raw file: our own writer; zero chunks are never written, so the file stays sparse;
- * - qcow2 file, block device, RBD image: `qemu-img convert` reading our NBD server on a private unix socket,
- *   which answers zero chunks as holes (qcow2 stays sparse; a block device gets zeroes written).
+ * - raw and qcow2 files: our own writers; zero chunks are never written (a sparse raw file, unallocated
+ *   qcow2 clusters); no socket and no extra copy, which on 2 cores made qcow2 ~1.7x faster than qemu-img;
+ * - block device, RBD image (and a qcow2 whose metadata would not fit in memory): `qemu-img convert` reading
+ *   our NBD server on a private unix socket, which answers zero chunks as holes (a device gets zeroes written).
  * A file target appears only when complete (`<target>.snapshift-partial`, then rename), so a failed or
  * stopped restore never leaves a half-written disk under the asked name; a SIGKILL leaves the partial file,
  * which the next restore to the same target replaces.
@@ -68,10 +70,10 @@ export async function restoreDisk(reader: RestorePointReader, diskName: string, 
     );
   try {
     if (signal?.aborted) throw stopped();
-    let writtenBytes: number;
-    if (target.kind === 'file' && options.format === 'raw') {
-      writtenBytes = await writeRawFile(source, partialPath!, options, stopped);
-    } else {
+    let writtenBytes: number | undefined;
+    if (target.kind === 'file' && options.format === 'raw') writtenBytes = await writeRawFile(source, partialPath!, options, stopped);
+    else if (target.kind === 'file' && options.format === 'qcow2') writtenBytes = await writeQcow2File(source, partialPath!, options, stopped);
+    if (writtenBytes === undefined) {
       writtenBytes = await convertFromNbd(source, target, partialPath, options).catch((error: unknown) => {
         throw signal?.aborted ? stopped() : error;
       });
@@ -88,50 +90,100 @@ export async function restoreDisk(reader: RestorePointReader, diskName: string, 
   }
 }
 
-/**
- * Raw file, in disk order: only data chunks are read (a bounded window of them in flight ahead of the
- * writes); zero chunks are never written, so the file stays sparse.
- */
+/** Flush to the disk as we go, every this many bytes written, so the final fsync does not start the whole write-back. */
+const flushEveryBytes = 256 * 1024 * 1024;
+/** qcow2 metadata (L2 tables and refcounts) we are willing to build in memory; above it qemu-img writes the image. */
+const maxQcow2MetadataBytes = 256 * 1024 * 1024;
+
+/** Raw file: data chunks at their own offsets; zero chunks are never written, so the file stays sparse. */
 async function writeRawFile(source: RestorePointExport, partialPath: string, options: DiskRestoreOptions, stopped: () => SnapshiftError): Promise<number> {
+  const file = await open(partialPath, 'w');
+  try {
+    await file.truncate(source.sizeBytes);
+    return await writeDataChunks(source, file, dataChunkOffsets(source, options.chunkSizeBytes), (offset) => offset, options, stopped);
+  } finally {
+    await file.close();
+  }
+}
+
+/**
+ * qcow2 file, by our own writer: the layout is known before the first byte (which chunks hold data), so
+ * metadata goes first and the data clusters follow in disk order, one sequential pass. Undefined when the
+ * metadata would be too large to build in memory (the caller then lets qemu-img write the image).
+ */
+async function writeQcow2File(source: RestorePointExport, partialPath: string, options: DiskRestoreOptions, stopped: () => SnapshiftError): Promise<number | undefined> {
+  const offsets = [...dataChunkOffsets(source, options.chunkSizeBytes)];
+  // 8 bytes of L2 entry and 2 of refcount per 64 KiB cluster.
+  if ((offsets.length * options.chunkSizeBytes) / 65536 * 10 > maxQcow2MetadataBytes || options.chunkSizeBytes % 65536 !== 0) return undefined;
+  const layout = qcow2Layout(source.sizeBytes, options.chunkSizeBytes, offsets);
+  const file = await open(partialPath, 'w');
+  try {
+    await file.write(layout.metadata, 0, layout.metadata.length, 0);
+    await file.truncate(layout.fileSizeBytes);
+    return await writeDataChunks(source, file, offsets.values(), (offset) => layout.hostOffsetOf(offset), options, stopped);
+  } finally {
+    await file.close();
+  }
+}
+
+/**
+ * Reads the data chunks at `offsets` (in disk order, 16 in flight ahead of the writes) and writes each at
+ * `positionOf(offset)`; flushes as it goes and fsyncs at the end. Returns the bytes written.
+ */
+async function writeDataChunks(
+  source: RestorePointExport,
+  file: FileHandle,
+  offsets: Iterator<number>,
+  positionOf: (offset: number) => number,
+  options: DiskRestoreOptions,
+  stopped: () => SnapshiftError,
+): Promise<number> {
   const sizeBytes = source.sizeBytes;
   const chunkSize = options.chunkSizeBytes;
   const signal = options.signal;
-  const file = await open(partialPath, 'w');
+  const window = Math.max(1, options.readAhead ?? 16);
+  const pending: Array<{ offset: number; pieces: ReturnType<RestorePointExport['read']> }> = [];
+  const fill = () => {
+    while (pending.length < window) {
+      const next = offsets.next();
+      if (next.done) return;
+      const pieces = source.read(next.value, Math.min(chunkSize, sizeBytes - next.value));
+      pieces.catch(() => undefined);
+      pending.push({ offset: next.value, pieces });
+    }
+  };
   let writtenBytes = 0;
+  let unflushedBytes = 0;
+  let flushing: Promise<void> | undefined;
   try {
-    await file.truncate(sizeBytes);
-    const window = Math.max(1, options.readAhead ?? 16);
-    const dataChunks = dataChunkOffsets(source, chunkSize);
-    const pending: Array<{ offset: number; pieces: ReturnType<RestorePointExport['read']> }> = [];
-    const fill = () => {
-      while (pending.length < window) {
-        const next = dataChunks.next();
-        if (next.done) return;
-        const pieces = source.read(next.value, Math.min(chunkSize, sizeBytes - next.value));
-        pieces.catch(() => undefined);
-        pending.push({ offset: next.value, pieces });
-      }
-    };
     fill();
     while (pending.length > 0) {
       const { offset, pieces } = pending.shift()!;
       fill();
-      let at = offset;
+      let at = positionOf(offset);
       for (const piece of await pieces) {
         if (signal?.aborted) throw stopped();
         if (piece.data) {
           await file.write(piece.data, 0, piece.lengthBytes, at);
           writtenBytes += piece.lengthBytes;
+          unflushedBytes += piece.lengthBytes;
           faultPoint('restore.mid-copy');
         }
         at += piece.lengthBytes;
       }
+      // The page cache would hold all of it until the final fsync (a restore is far below the dirty limits
+      // of a large host): start the write-back now, one flush at a time, while decoding goes on.
+      if (unflushedBytes >= flushEveryBytes && !flushing) {
+        unflushedBytes = 0;
+        flushing = file.datasync().finally(() => (flushing = undefined));
+      }
       options.onProgress?.(Math.min(sizeBytes, offset + chunkSize), sizeBytes);
     }
     if (signal?.aborted) throw stopped();
+    await flushing;
     await file.sync();
   } finally {
-    await file.close();
+    await flushing?.catch(() => undefined);
   }
   options.onProgress?.(sizeBytes, sizeBytes);
   return writtenBytes;
@@ -144,7 +196,7 @@ function* dataChunkOffsets(source: RestorePointExport, chunkSize: number): Gener
   }
 }
 
-/** qcow2, block devices and RBD: qemu-img reads our NBD server (block status first, so holes are never read). */
+/** Block devices, RBD (and very large qcow2): qemu-img reads our NBD server (block status first, so holes are never read). */
 async function convertFromNbd(source: RestorePointExport, target: RestoreTarget, partialPath: string | undefined, options: DiskRestoreOptions): Promise<number> {
   const socketFolder = await mkdtemp(join(tmpdir(), 'snapshift-restore-'));
   try {
