@@ -29,7 +29,7 @@ function isDataChunk(n: number, chunks: number, dataChunks: number): boolean {
 }
 
 /** A sparse disk image: data chunks alternate (by a hash) between random and text-like; the rest is a hole. */
-async function makeDisk(path: string, sizeBytes: number, dataBytes: number): Promise<void> {
+export async function makeDisk(path: string, sizeBytes: number, dataBytes: number): Promise<void> {
   const corpus = textCorpus(16 * MiB);
   const chunks = sizeBytes / chunkSize;
   const dataChunks = Math.round(dataBytes / chunkSize);
@@ -52,7 +52,7 @@ async function makeDisk(path: string, sizeBytes: number, dataBytes: number): Pro
   }
 }
 
-async function backupFile(repository: Repository, file: string, sizeBytes: number): Promise<string> {
+export async function backupFile(repository: Repository, file: string, sizeBytes: number): Promise<string> {
   const writer = await repository.startBackup({ vmName: 'bench' });
   const disk = writer.addDisk('vda', sizeBytes);
   const handle = await open(file, 'r');
