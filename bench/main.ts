@@ -4,6 +4,7 @@ const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void
   incremental: () => import('./incremental.ts'),
   regular: () => import('./regular.ts'),
   modes: () => import('./modes.ts'),
+  restore: () => import('./restore.ts'),
 };
 
 const [name, ...args] = process.argv.slice(2);

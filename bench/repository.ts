@@ -12,14 +12,14 @@ const run = promisify(execFile);
 const MiB = 1024 * 1024;
 const chunkSize = MiB;
 
-function seeded(stream: number, length: number): Buffer {
+export function seeded(stream: number, length: number): Buffer {
   const iv = Buffer.alloc(16);
   iv.writeUInt32LE(stream, 0);
   return createCipheriv('aes-256-ctr', Buffer.alloc(32, 0x5a), iv).update(Buffer.alloc(length));
 }
 
 /** A text-like corpus: words from a small vocabulary in pseudo-random order (compresses ~3-4x with zstd-1). */
-function textCorpus(length: number): Buffer {
+export function textCorpus(length: number): Buffer {
   const words = 'the of and to in is was for on are with as by at from this that which be or have an not disk block virtual machine backup snapshot restore chunk pack index repository host volume storage error warning info debug kernel process memory page file system user data log request response'.split(' ');
   const random = seeded(999, length);
   const parts: string[] = [];

@@ -16,7 +16,8 @@ APT_PACKAGES=(
   libnbd-bin                        # nbdinfo / nbdcopy: references our NBD client is compared with
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients  # the libvirt adapter's tests: the lab's own libvirtd/virtlogd, virsh
   qemu-guest-agent                  # a real guest agent for the quiesce tests (run on the host, freeze blocked)
-  restic                            # the repository benchmark's yardstick
+  restic                            # the repository and restore benchmarks' yardstick
+  borgbackup                        # borg: the restore benchmark's second yardstick
   zfs-fuse                          # the lab's ZFS datastore (zfs-fuse: no kernel module needed), zfs, zpool
   ceph-mon ceph-osd ceph-mgr ceph-common ceph-base  # single-node Ceph for the RBD provider and its lab (rbd, ceph, monmaptool)
   util-linux mount                  # setpriv, findmnt; losetup, mount, umount

@@ -9,6 +9,7 @@ import { registerJobCommands } from './job-commands.ts';
 import { registerLabCommands } from './lab-commands.ts';
 import { registerRepoCommands } from './repo-commands.ts';
 import { registerRestoreCommand } from './restore-command.ts';
+import { registerServeCommand } from './serve-command.ts';
 import { registerSessionCommands } from './session-commands.ts';
 import { registerStorageCommands } from './storage-commands.ts';
 
@@ -18,6 +19,7 @@ export function registerCommands(program: Command): void {
   registerHostCommands(program);
   registerBackupCommands(program);
   registerRestoreCommand(program);
+  registerServeCommand(program);
   registerStorageCommands(program);
   registerJobCommands(program);
   registerSessionCommands(program);

@@ -17,12 +17,12 @@ export function registerRestoreCommand(program: Command): void {
     repositoryOption(
       program
         .command('restore')
-        .description('restore the disks of a VM from a restore point to files; Ctrl-C or SIGTERM stops it and removes the partial file')
+        .description('restore the disks of a VM from a restore point, in one pass, to files, block devices or RBD images; Ctrl-C or SIGTERM stops it and removes the partial file')
         .argument('<vm>', 'VM name')
         .requiredOption(
           '--to <path>',
           'target file for one disk; a folder (created if missing, in a folder that exists) when the restore point has several disks or with --all-disks, ' +
-            'each disk written there as <disk>.<format>; an existing folder also takes a single disk',
+            'each disk written there as <disk>.<format>; an existing folder also takes a single disk. Also a block device (with --force), or rbd:POOL/IMAGE (raw; several disks become IMAGE-<disk>)',
         )
         .option('--point <id>', 'restore point id or unique prefix, or "latest"', 'latest')
         .option('--disk <name>', 'restore only this disk')
@@ -35,6 +35,8 @@ export function registerRestoreCommand(program: Command): void {
     'snapshift restore vm1 --point latest --to /var/tmp/vm1.qcow2 --format qcow2',
     'snapshift restore vm1 --all-disks --to /var/tmp/vm1-disks',
     'snapshift restore vm1 --disk vdb --to /var/tmp/vm1-vdb.raw',
+    'snapshift restore vm1 --disk vda --to /dev/sdc --force',
+    'snapshift restore vm1 --disk vda --to rbd:vms/vm1-restored',
   )
     .action(
       async (
@@ -44,10 +46,11 @@ export function registerRestoreCommand(program: Command): void {
       ) => {
         if (options.format !== 'raw' && options.format !== 'qcow2') throw new SnapshiftError('USAGE', `unknown format "${options.format}": use raw or qcow2`);
         if (options.disk !== undefined && options.allDisks) throw new SnapshiftError('USAGE', '--disk and --all-disks exclude each other: restore one disk, or all of them');
-        const to = resolve(options.to);
-        const toIsFolder = (await stat(to).catch(() => undefined))?.isDirectory() ?? false;
+        const toRbd = options.to.startsWith('rbd:');
+        const to = toRbd ? options.to : resolve(options.to);
+        const toIsFolder = !toRbd && ((await stat(to).catch(() => undefined))?.isDirectory() ?? false);
         // Checked before the repository is opened (and a password asked for): a typo in --to fails at once.
-        await requireFolder(dirname(to), to);
+        if (!toRbd) await requireFolder(dirname(to), to);
         try {
           await withStopSignals('the partial file is removed', async (signal) => {
             using catalog = openCatalog(command);
@@ -59,10 +62,10 @@ export function registerRestoreCommand(program: Command): void {
             if (reader.summary.vmName !== vmName) throw new SnapshiftError('USAGE', `restore point ${pointId} belongs to ${reader.summary.vmName}, not ${vmName}`);
             const disks = options.disk ? [options.disk] : reader.summary.disks.map((disk) => disk.name);
             const toFolder = toIsFolder || options.allDisks === true || disks.length > 1;
-            if (toFolder && !toIsFolder) await mkdir(to);
+            if (toFolder && !toIsFolder && !toRbd) await mkdir(to);
             const restored: Array<{ disk: string; path: string; sizeBytes: number }> = [];
             for (const disk of disks) {
-              const path = toFolder ? join(to, `${disk}.${options.format}`) : to;
+              const path = !toFolder ? to : toRbd ? `${to}-${disk}` : join(to, `${disk}.${options.format}`);
               const bar = new ProgressBar(!options.json && !options.quiet, `restore ${disk}`);
               try {
                 const result = await restoreDisk(reader, disk, path, {
@@ -99,7 +102,8 @@ async function requireFolder(folder: string, target: string): Promise<void> {
   );
 }
 
-function resolvePoint(catalog: Catalog, vmName: string, point: string): string {
+/** A restore point id from --point: "latest" is the VM's newest in the catalog; anything else is an id or prefix. */
+export function resolvePoint(catalog: Catalog, vmName: string, point: string): string {
   if (point !== 'latest') return point;
   const latest = catalog.listRestorePoints(vmName).at(-1);
   if (!latest) throw new SnapshiftError('RESTORE_POINT_UNKNOWN', `no restore points for ${vmName} in the catalog (a new or lost catalog? run "snapshift catalog sync --repo PATH", or give --point ID)`);

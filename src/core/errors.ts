@@ -86,6 +86,7 @@ export const errorCodes = {
   NBD_DISCONNECTED: { exitStatus: failed, meaning: 'the NBD connection broke' },
   NBD_PROTOCOL_ERROR: { exitStatus: failed, meaning: 'the NBD server sent a reply that breaks the protocol' },
   NBD_COMMAND_FAILED: { exitStatus: failed, meaning: 'the NBD server answered a read or block-status request with an error (e.g. EIO)' },
+  NBD_SERVER_LISTEN_FAILED: { exitStatus: failed, meaning: 'our NBD server cannot listen on the unix socket or TCP address asked for (in use, or a file is in the way)' },
   NBD_READ_ONLY: { exitStatus: failed, meaning: 'a write was sent to a read-only NBD export' },
   IMAGE_EXPORT_FAILED: { exitStatus: failed, meaning: 'an image cannot be served over NBD for reading' },
   STORAGE_DAEMON_FAILED: { exitStatus: failed, meaning: 'qemu-storage-daemon exited at start' },
@@ -136,6 +137,7 @@ export const errorCodes = {
   RESTORE_NO_SUCH_DISK: { exitStatus: failed, meaning: 'the restore point has no disk of that name' },
   RESTORE_TARGET_EXISTS: { exitStatus: failed, meaning: 'the restore target exists (--force overwrites it)' },
   RESTORE_TARGET_FOLDER_MISSING: { exitStatus: failed, meaning: 'the folder the restore target would go into does not exist' },
+  RESTORE_FAILED: { exitStatus: failed, meaning: 'serving a restore point to qemu-img failed (e.g. a damaged chunk); the first problem is in the message' },
   RESTORE_STOPPED: { exitStatus: ExitStatus.stopped, meaning: 'a restore was stopped by Ctrl-C or SIGTERM; the partial file was removed' },
 
   // Demo and lab (test machinery)

@@ -154,7 +154,8 @@ export const checks: readonly Check[] = [
   program('dd', 'coreutils', ['tests'], 'the tests cannot fill test images'),
 
   // Used by the benchmarks alone.
-  program('nbdcopy', 'libnbd-bin', ['bench'], 'the regular benchmark has no reference read rate'),
-  program('restic', 'restic', ['bench'], 'the repository benchmark has no yardstick'),
+  program('nbdcopy', 'libnbd-bin', ['tests', 'bench'], 'the NBD server tests have no reference reader, and the regular benchmark no reference read rate'),
+  program('restic', 'restic', ['bench'], 'the repository and restore benchmarks have no yardstick'),
+  program('borg', 'borgbackup', ['bench'], 'the restore benchmark cannot compare with borg extract'),
   program('du', 'coreutils', ['bench'], "the repository benchmark cannot measure restic's repository size"),
 ];

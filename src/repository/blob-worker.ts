@@ -79,7 +79,10 @@ function handle(request: BlobRequest): [BlobReply, ArrayBuffer[]] {
         decipher.setAAD(id);
         decipher.setAuthTag(blob.subarray(blob.length - 16));
         try {
-          payload = Buffer.concat([decipher.update(blob.subarray(12, blob.length - 16)), decipher.final()]);
+          // GCM is a stream mode: final() yields nothing, so the update's output is the plaintext (no copy).
+          const body = decipher.update(blob.subarray(12, blob.length - 16));
+          const tail = decipher.final();
+          payload = tail.length === 0 ? body : Buffer.concat([body, tail]);
         } catch {
           return [{ task: request.task, kind: 'failed', reason: 'authentication failed (bytes changed on disk)', busyMs: busy() }, []];
         }

@@ -41,6 +41,18 @@ export class RestorePointReader {
     return map.compare(zeroId, 0, 32, chunkIndex * 32, chunkIndex * 32 + 32) === 0;
   }
 
+  /** Number of chunks of a disk (the last may be short). */
+  chunkCountOf(diskName: string): number {
+    return this.#disk(diskName).map.length / 32;
+  }
+
+  /** Decodes one chunk of a disk, uncached (a zero chunk is stored nowhere: check `chunkIsZero` first). */
+  readChunkAt(diskName: string, chunkIndex: number): Promise<Buffer> {
+    const map = this.#disk(diskName).map;
+    if (chunkIndex < 0 || (chunkIndex + 1) * 32 > map.length) throw new SnapshiftError('BAD_ARGUMENT', `disk ${diskName} has no chunk ${chunkIndex}`);
+    return readChunk(this.repository, map.subarray(chunkIndex * 32, chunkIndex * 32 + 32), `disk ${diskName} offset ${chunkIndex * this.repository.chunkSizeBytes}`, false);
+  }
+
   /** Reads [offset, offset+length) of a disk; zero-filled where the disk is zero. */
   async read(diskName: string, offsetBytes: number, lengthBytes: number): Promise<Buffer> {
     const disk = this.#disk(diskName);

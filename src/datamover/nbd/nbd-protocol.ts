@@ -26,6 +26,9 @@ export const optionErrorNames: Record<number, string> = {
 };
 export const optionErrorUnknownExport = errorBit + 6;
 export const optionErrorUnsupported = errorBit + 1;
+export const optionErrorPolicy = errorBit + 2;
+export const optionErrorInvalid = errorBit + 3;
+export const optionErrorTooBig = errorBit + 9;
 export function isOptionError(replyType: number): boolean {
   return replyType >= errorBit;
 }
@@ -67,6 +70,7 @@ export function isErrorChunk(type: number): boolean {
 }
 
 // Error values on the wire (Linux errno numbers, whatever the platform).
+export const nbdErrno = { eperm: 1, eio: 5, enomem: 12, einval: 22, enospc: 28, eoverflow: 75, enotsup: 95, eshutdown: 108 } as const;
 export const errorNames: Record<number, string> = {
   1: 'EPERM',
   5: 'EIO',
