@@ -58,6 +58,11 @@ export function parseGuestConsole(text: string): GuestEvent[] {
   return events;
 }
 
+/** The heartbeats a guest printed to its console log so far, oldest first. */
+export async function readGuestHeartbeats(file: string): Promise<Heartbeat[]> {
+  return parseGuestConsole(await readGuestConsole(file)).flatMap((event) => (event.kind === 'heartbeat' ? [event] : []));
+}
+
 export async function readGuestConsole(file: string): Promise<string> {
   try {
     return await fs.readFile(file, 'utf8');

@@ -3,7 +3,7 @@ import path from 'node:path';
 import { SnapshiftError } from '../core/errors.ts';
 import { xmlEscape } from '../hypervisor/libvirt/libvirt-xml.ts';
 import type { Virsh } from '../hypervisor/libvirt/virsh.ts';
-import { consoleTail, parseGuestConsole, readGuestConsole, type GuestEvent, type Heartbeat } from './guest-console.ts';
+import { consoleTail, parseGuestConsole, readGuestConsole, readGuestHeartbeats, type GuestEvent, type Heartbeat } from './guest-console.ts';
 import { sendGuestControl } from './guest-control.ts';
 import { ensureGuestInitramfs } from './guest-initramfs.ts';
 import { ensureGuestKernel } from './guest-kernel.ts';
@@ -184,7 +184,7 @@ export class LabDomain implements AsyncDisposable {
   }
 
   async heartbeats(): Promise<Heartbeat[]> {
-    return (await this.events()).flatMap((event) => (event.kind === 'heartbeat' ? [event] : []));
+    return readGuestHeartbeats(this.consoleLogPath);
   }
 
   /** Waits until at least `count` heartbeats were printed since the guest started. */

@@ -1,6 +1,6 @@
 import { promises as fs } from 'node:fs';
 import { SnapshiftError } from '../core/errors.ts';
-import { consoleTail, parseGuestConsole, readGuestConsole, type GuestEvent, type Heartbeat } from './guest-console.ts';
+import { consoleTail, parseGuestConsole, readGuestConsole, readGuestHeartbeats, type GuestEvent, type Heartbeat } from './guest-console.ts';
 import { sendGuestControl } from './guest-control.ts';
 import type { ProcessRecord, VmRecord } from './lab-state.ts';
 import { endOwnedProcess, isOwnedProcessAlive, sleep, waitForExit } from './owned-process.ts';
@@ -66,7 +66,7 @@ export class LabVm implements AsyncDisposable {
 
   /** The heartbeats so far, oldest first: writes and MiB written keep growing while the guest writes. */
   async heartbeats(): Promise<Heartbeat[]> {
-    return (await this.events()).flatMap((event) => (event.kind === 'heartbeat' ? [event] : []));
+    return readGuestHeartbeats(this.consoleLogPath);
   }
 
   /** Waits until at least `count` heartbeats were printed. */

@@ -4,7 +4,7 @@
 // `beforeVmSnapshots`, resumed in `afterVmSnapshots`. A real qemu-ga (chrooted on the host, freezing only its own
 // ext4) sits behind the domain's agent channel: the channel connects to a relay that pipes libvirt to it.
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Catalog } from '../../src/catalog/index.ts';
@@ -18,6 +18,7 @@ import { initRepository, openRepository } from '../../src/repository/index.ts';
 import { conformancePassword, describeHypervisorConformance, type ConformanceBed } from '../support/hypervisor-conformance.ts';
 import { HostGuestAgent } from '../support/host-guest-agent.ts';
 import { makeWorkspace, md5File } from '../support/workspace.ts';
+import { engineLeftovers } from '../support/engine-leftovers.ts';
 
 const MiB = 1024 * 1024;
 const vmName = 'conf-lv';
@@ -124,21 +125,8 @@ async function libvirtBed(lab: Lab): Promise<ConformanceBed> {
       // The chain's tracking state is its latest checkpoint: any other is a leftover.
       const checkpoints = await virsh.checkpointNames(vmName);
       if (checkpoints.length > 1) found.push(`checkpoints ${checkpoints.join(', ')}`);
-      const snapshots = join(lab.datastore('btrfs').mountPoint, '.snapshift-snapshots');
-      if (existsSync(snapshots)) for (const name of readdirSync(snapshots)) found.push(`storage snapshot ${name}`);
       for (const name of existsSync(runDir) ? readdirSync(runDir) : []) if (/snapshift-.*\.(qcow2|scratch)/.test(name)) found.push(`scratch ${name} in the run folder`);
-      for (const entry of catalog.listVmSnapshotLedger()) found.push(`VM-snapshot ledger row ${entry.id}`);
-      for (const entry of catalog.listStorageSnapshotLedger()) found.push(`storage-snapshot ledger row ${entry.id}`);
-      for (const pid of readdirSync('/proc').filter((name) => /^\d+$/.test(name))) {
-        let cmdline = '';
-        try {
-          cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-        } catch {
-          continue;
-        }
-        if (cmdline.includes('qemu-storage-daemon') && cmdline.includes(runDir)) found.push(`reader daemon pid ${pid}`);
-      }
-      return found;
+      return [...found, ...engineLeftovers(catalog, runDir, lab.datastore('btrfs').mountPoint)];
     },
 
     async assertGuestWell() {

@@ -3,7 +3,7 @@
 // image proves which instant it holds (cutOf/expectedAt); a real qemu-ga (chrooted, freezing only its own ext4)
 // on the VM's agent socket.
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { mkdirSync, readdirSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Catalog } from '../../src/catalog/index.ts';
@@ -18,6 +18,7 @@ import { conformancePassword, describeHypervisorConformance, type ConformanceBed
 import { HostGuestAgent } from '../support/host-guest-agent.ts';
 import { SteadyWriter } from '../support/steady-writer.ts';
 import { makeWorkspace } from '../support/workspace.ts';
+import { engineLeftovers } from '../support/engine-leftovers.ts';
 
 const MiB = 1024 * 1024;
 const vmName = 'conf-qemu';
@@ -107,20 +108,7 @@ async function qemuBed(lab: Lab): Promise<ConformanceBed> {
         for (const entry of exports) if (entry.id.startsWith('snapshift-')) found.push(`NBD export ${entry.id}`);
         for (const job of await qmp.execute<Array<{ device: string; status: string }>>('query-block-jobs')) found.push(`block job ${job.device} (${job.status})`);
       }
-      const snapshots = join(lab.datastore('btrfs').mountPoint, '.snapshift-snapshots');
-      if (existsSync(snapshots)) for (const name of readdirSync(snapshots)) found.push(`storage snapshot ${name}`);
-      for (const entry of catalog.listVmSnapshotLedger()) found.push(`VM-snapshot ledger row ${entry.id}`);
-      for (const entry of catalog.listStorageSnapshotLedger()) found.push(`storage-snapshot ledger row ${entry.id}`);
-      for (const pid of readdirSync('/proc').filter((name) => /^\d+$/.test(name))) {
-        let cmdline = '';
-        try {
-          cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-        } catch {
-          continue;
-        }
-        if (cmdline.includes('qemu-storage-daemon') && cmdline.includes(runDir)) found.push(`reader daemon pid ${pid}`);
-      }
-      return found;
+      return [...found, ...engineLeftovers(catalog, runDir, lab.datastore('btrfs').mountPoint)];
     },
 
     async assertGuestWell() {

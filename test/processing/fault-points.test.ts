@@ -8,7 +8,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { mkdirSync, readdirSync } from 'node:fs';
 import { readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Catalog } from '../../src/catalog/index.ts';
@@ -22,6 +22,7 @@ import { initRepository, openRepository } from '../../src/repository/index.ts';
 import { restoreDisk } from '../../src/restore/disk-restore.ts';
 import { makeWorkspace } from '../support/workspace.ts';
 import { SteadyWriter } from '../support/steady-writer.ts';
+import { engineLeftovers } from '../support/engine-leftovers.ts';
 
 const MiB = 1024 * 1024;
 const password = 'fault-points';
@@ -179,24 +180,7 @@ describe('crash safety: SIGKILL at every fault point', () => {
       const jobs = await qmp.execute<Array<{ device: string; status: string }>>('query-block-jobs');
       for (const job of jobs) found.push(`block job ${job.device} (${job.status})`);
     }
-    if (btrfsMount) {
-      const snapshots = join(btrfsMount, '.snapshift-snapshots');
-      if (existsSync(snapshots)) for (const name of readdirSync(snapshots)) found.push(`storage snapshot ${name}`);
-    }
-    for (const entry of catalog.listVmSnapshotLedger()) found.push(`VM-snapshot ledger row ${entry.id} (${entry.vmName})`);
-    for (const entry of catalog.listStorageSnapshotLedger()) found.push(`storage-snapshot ledger row ${entry.id}`);
-    // Reader daemons of ours (storage-snapshot mode) run with the run folder in their command line.
-    const runDir = join(home(), 'run');
-    for (const pid of readdirSync('/proc').filter((name) => /^\d+$/.test(name))) {
-      let cmdline = '';
-      try {
-        cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-      } catch {
-        continue;
-      }
-      if (cmdline.includes('qemu-storage-daemon') && cmdline.includes(runDir)) found.push(`reader daemon pid ${pid}`);
-    }
-    return found;
+    return [...found, ...engineLeftovers(catalog, join(home(), 'run'), btrfsMount)];
   }
 
   /** Restores every restore point of `vmName` not yet proven, and proves each equals a point in time. */
