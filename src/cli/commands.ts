@@ -5,6 +5,7 @@ import { registerDaemonCommand } from './daemon-command.ts';
 import { registerDemoCommand } from './demo-command.ts';
 import { registerDoctorCommand } from './doctor-command.ts';
 import { registerHostCommands } from './host-commands.ts';
+import { registerInstantRecoveryCommands } from './instant-recovery-commands.ts';
 import { registerJobCommands } from './job-commands.ts';
 import { registerLabCommands } from './lab-commands.ts';
 import { registerRepoCommands } from './repo-commands.ts';
@@ -12,6 +13,7 @@ import { registerRestoreCommand } from './restore-command.ts';
 import { registerServeCommand } from './serve-command.ts';
 import { registerSessionCommands } from './session-commands.ts';
 import { registerStorageCommands } from './storage-commands.ts';
+import { registerVerifyBootCommand } from './verify-boot-command.ts';
 
 /** Every command family registers itself here; one line per family keeps merges trivial. */
 export function registerCommands(program: Command): void {
@@ -20,6 +22,8 @@ export function registerCommands(program: Command): void {
   registerBackupCommands(program);
   registerRestoreCommand(program);
   registerServeCommand(program);
+  registerInstantRecoveryCommands(program);
+  registerVerifyBootCommand(program);
   registerStorageCommands(program);
   registerJobCommands(program);
   registerSessionCommands(program);

@@ -34,6 +34,9 @@ interface JobFlags {
   schedule?: string;
   passwordFile?: string;
   maxReadRate?: number;
+  verifyBoot?: boolean;
+  verifyBootMarker?: string;
+  verifyBootTimeout?: number;
 }
 
 /** What `job run` takes besides the job's own definition. */
@@ -63,7 +66,11 @@ function addJobFlags(command: Command): Command {
     .option('--keep-monthly <n>', 'retention: keep one per month for N months', numberOption('--keep-monthly'))
     .option('--schedule <cron>', `cron schedule: ${scheduleFormat}; e.g. "0 22 * * *" is every day at 22:00`)
     .option('--password-file <path>', 'repository password file used when the job runs')
-    .option('--max-read-rate <MBps>', 'cap the read rate from production storage (whole MB/s)', numberOption('--max-read-rate', { unit: 'MB/s' }));
+    .option('--max-read-rate <MBps>', 'cap the read rate from production storage (whole MB/s)', numberOption('--max-read-rate', { unit: 'MB/s' }))
+    .option('--verify-boot', 'after each backup, boot the new restore point with no network (as "snapshift verify-boot") and record the verdict in the session')
+    .option('--no-verify-boot', 'do not verify that restore points boot')
+    .option('--verify-boot-marker <regex>', 'what the console prints once the guest is up (default "login:"); implies --verify-boot')
+    .option('--verify-boot-timeout <seconds>', 'how long the guest may take to boot (default 300); implies --verify-boot', numberOption('--verify-boot-timeout'));
 }
 
 /** Flags given on the command line, as definition fields (undefined = not given). */
@@ -84,6 +91,12 @@ function definitionFromFlags(name: string, flags: JobFlags): Record<string, unkn
     schedule: flags.schedule,
     passwordFile: flags.passwordFile === undefined ? undefined : resolve(flags.passwordFile),
     maxReadRateMBps: flags.maxReadRate,
+    verifyBoot:
+      flags.verifyBoot === false
+        ? false
+        : flags.verifyBootMarker !== undefined || flags.verifyBootTimeout !== undefined
+          ? { ...(flags.verifyBootMarker !== undefined ? { marker: flags.verifyBootMarker } : {}), ...(flags.verifyBootTimeout !== undefined ? { timeoutSeconds: flags.verifyBootTimeout } : {}) }
+          : flags.verifyBoot,
   };
   return Object.fromEntries(Object.entries(fields).filter(([, value]) => value !== undefined));
 }

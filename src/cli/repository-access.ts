@@ -22,9 +22,23 @@ export function repositoryOption(command: Command): Command {
  * saw this VM's restore points.
  */
 export async function openRepositoryForCli(options: RepositoryCliOptions, catalog: Catalog, vmName?: string): Promise<Repository> {
+  return openRepositoryAt(repositoryPathFor(options, catalog, vmName), options.passwordFile);
+}
+
+function repositoryPathFor(options: RepositoryCliOptions, catalog: Catalog, vmName?: string): string {
   const path = options.repo ?? process.env.SNAPSHIFT_REPOSITORY ?? (vmName ? catalog.lastRepositoryOf(vmName) : undefined);
   if (!path) throw new SnapshiftError('USAGE', 'no repository given: pass --repo PATH or set SNAPSHIFT_REPOSITORY');
-  return openRepositoryAt(path, options.passwordFile);
+  return resolve(path);
+}
+
+/**
+ * Opens the repository as openRepositoryForCli does, and keeps its path and password for a process this
+ * command starts to read it too (the NBD server behind an instant recovery).
+ */
+export async function openRepositoryForChild(options: RepositoryCliOptions, catalog: Catalog, vmName?: string): Promise<{ repository: Repository; path: string; password: string | undefined }> {
+  const path = repositoryPathFor(options, catalog, vmName);
+  const password = (await repositoryEncryption(path)) === 'encrypted' ? await resolvePassword({ passwordFile: options.passwordFile }) : undefined;
+  return { repository: await openRepository(path, { password }), path, password };
 }
 
 /** Opens the repository at `path`, asking for a password only if it is encrypted. */

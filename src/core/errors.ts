@@ -139,6 +139,13 @@ export const errorCodes = {
   RESTORE_TARGET_FOLDER_MISSING: { exitStatus: failed, meaning: 'the folder the restore target would go into does not exist' },
   RESTORE_FAILED: { exitStatus: failed, meaning: 'serving a restore point to qemu-img failed (e.g. a damaged chunk); the first problem is in the message' },
   RESTORE_STOPPED: { exitStatus: ExitStatus.stopped, meaning: 'a restore was stopped by Ctrl-C or SIGTERM; the partial file was removed' },
+  RESTORE_NO_CONFIGURATION: { exitStatus: failed, meaning: 'the restore point holds no VM configuration to re-create the VM from (written before VM restore existed)' },
+  VM_START_FAILED: { exitStatus: failed, meaning: 'QEMU or libvirt did not start the restored or recovered VM; its own error is in the message' },
+  BOOT_VERIFICATION_FAILED: { exitStatus: failed, meaning: 'the restore point did not boot: no console marker or guest-agent answer in time (its console tail is in the output)' },
+  INSTANT_RECOVERY_UNKNOWN: { exitStatus: failed, meaning: 'no instant recovery of that name runs (snapshift instant-recovery list)' },
+  INSTANT_RECOVERY_EXISTS: { exitStatus: failed, meaning: 'an instant recovery of that name already runs: stop it, or choose another --name' },
+  INSTANT_RECOVERY_SERVER_FAILED: { exitStatus: failed, meaning: 'the NBD server behind an instant recovery did not start or is gone; the message says why' },
+  INSTANT_RECOVERY_MIGRATE_FAILED: { exitStatus: failed, meaning: 'moving an instantly recovered VM to its datastore failed; the VM still runs from the backup' },
 
   // Demo and lab (test machinery)
   DEMO_BACKUP_FAILED: { exitStatus: failed, meaning: 'a demo backup failed' },

@@ -149,9 +149,39 @@ export interface FleeceOptions {
 }
 
 /** The VM's configuration, captured with each restore point for a later VM restore (docs/FORMAT.md). */
-export type VmConfiguration =
-  | { kind: 'qemu'; uuid: string | null; machine: string | null; cpuCount: number | null; memoryBytes: number | null; disks: Array<{ name: string; format: string; virtualSizeBytes: number }> }
-  | { kind: 'libvirt'; uuid: string; domainXml: string };
+export type VmConfiguration = QemuVmConfiguration | LibvirtVmConfiguration;
+
+/**
+ * A plain QEMU VM as QMP describes it. Restore points written before issue 13 hold only kind, uuid, machine,
+ * cpuCount, memoryBytes and disks (name, format, size): readers treat the other fields as absent.
+ */
+export interface QemuVmConfiguration {
+  kind: 'qemu';
+  uuid: string | null;
+  /** Machine type, e.g. "pc-i440fx-7.2". */
+  machine: string | null;
+  accelerator?: 'kvm' | 'tcg' | null;
+  /** CPU model, e.g. "max" or "host". */
+  cpuModel?: string | null;
+  cpuCount: number | null;
+  memoryBytes: number | null;
+  /** A kernel QEMU booted directly (-kernel/-initrd/-append); null when the guest boots from its disks. */
+  directBoot?: { kernel: string; initrd: string; append: string } | null;
+  /** In guest order; `device` is the qdev model (virtio-blk-pci, scsi-hd, …) when QEMU names one. */
+  disks: Array<{ name: string; format: string; virtualSizeBytes: number; device?: string | null }>;
+  nics?: Array<{ id: string | null; model: string; mac: string }>;
+  /** Serial ports by index and what their back-end was (a file, a unix socket, a pty, nothing). */
+  serials?: Array<{ index: number; backend: 'file' | 'unix-socket' | 'pty' | 'none'; path: string | null }>;
+  /** A virtio-serial channel org.qemu.guest_agent.0. */
+  guestAgent?: boolean;
+}
+
+/** A libvirt domain: its inactive, migratable definition. */
+export interface LibvirtVmConfiguration {
+  kind: 'libvirt';
+  uuid: string;
+  domainXml: string;
+}
 
 /** One VM opened for a task through its host's adapter; holds what the task needs until disposed. */
 export interface HypervisorVm extends AsyncDisposable {

@@ -3,6 +3,7 @@ import { checkVmName } from '../catalog/vm-name.ts';
 import { SnapshiftError, messageOf } from '../core/errors.ts';
 import { isProcessingMode, processingModeList, type ProcessingMode } from '../processing/backup-run.ts';
 import type { RetentionPolicy } from '../repository/index.ts';
+import { defaultBootMarker } from '../restore/vm/boot-verification.ts';
 
 
 /** What to protect and how: the job as an admin writes it (CLI flags or YAML). */
@@ -22,6 +23,14 @@ export interface JobDefinition {
   passwordFile?: string;
   /** Caps the read rate from production storage, in MB/s. */
   maxReadRateMBps?: number;
+  /** Boot each new restore point (instant recovery, no network) and record whether it came up. */
+  verifyBoot?: VerifyBootPolicy;
+}
+
+/** How a job verifies that its restore points boot: the console marker to wait for, and for how long. */
+export interface VerifyBootPolicy {
+  marker: string;
+  timeoutSeconds: number;
 }
 
 /** Also `snapshift backup`'s defaults: a backup by hand is processed like a job's. */
@@ -37,7 +46,7 @@ export const scheduleFormat = '5 fields (minute hour day-of-month month day-of-w
 export function parseJobDefinition(input: unknown): JobDefinition {
   if (typeof input !== 'object' || input === null || Array.isArray(input)) throw invalid('a job must be a mapping of fields');
   const raw = input as Record<string, unknown>;
-  const known = new Set(['name', 'vms', 'repository', 'repo', 'mode', 'failoverToRegular', 'quiesce', 'vmsPerStorageSnapshot', 'parallel', 'retention', 'schedule', 'passwordFile', 'maxReadRateMBps']);
+  const known = new Set(['name', 'vms', 'repository', 'repo', 'mode', 'failoverToRegular', 'quiesce', 'vmsPerStorageSnapshot', 'parallel', 'retention', 'schedule', 'passwordFile', 'maxReadRateMBps', 'verifyBoot']);
   for (const key of Object.keys(raw)) if (!known.has(key)) throw invalid(`unknown field "${key}"`);
   const name = requireString(raw.name, 'name');
   if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(name)) throw invalid(`job name "${name}" must be letters, digits, . _ - (at most 64)`);
@@ -67,6 +76,7 @@ export function parseJobDefinition(input: unknown): JobDefinition {
     ...(schedule ? { schedule } : {}),
     ...(raw.passwordFile !== undefined ? { passwordFile: requireString(raw.passwordFile, 'passwordFile') } : {}),
     ...(raw.maxReadRateMBps !== undefined ? { maxReadRateMBps: optionalCount(raw.maxReadRateMBps, 'maxReadRateMBps') } : {}),
+    ...(parseVerifyBoot(raw.verifyBoot, name) ?? {}),
   };
   return definition;
 }
@@ -80,6 +90,23 @@ function parseRetention(value: unknown, jobName: string): RetentionPolicy {
     retention[key] = optionalCount(count, `retention.${key}`);
   }
   return retention;
+}
+
+/** `verifyBoot: true`, or `{ marker: 'login:', timeoutSeconds: 300 }` (either field optional). */
+function parseVerifyBoot(value: unknown, jobName: string): { verifyBoot: VerifyBootPolicy } | undefined {
+  if (value === undefined || value === null || value === false) return undefined;
+  const defaults = { marker: defaultBootMarker, timeoutSeconds: 300 };
+  if (value === true) return { verifyBoot: defaults };
+  if (typeof value !== 'object' || Array.isArray(value)) throw invalid(`job ${jobName}: "verifyBoot" must be true, false, or a mapping like { marker: "login:", timeoutSeconds: 300 }`);
+  const raw = value as Record<string, unknown>;
+  for (const key of Object.keys(raw)) if (key !== 'marker' && key !== 'timeoutSeconds') throw invalid(`job ${jobName}: unknown verifyBoot field "${key}"`);
+  const marker = raw.marker === undefined ? defaults.marker : requireString(raw.marker, 'verifyBoot.marker');
+  try {
+    new RegExp(marker);
+  } catch (error) {
+    throw invalid(`job ${jobName}: verifyBoot.marker is not a regular expression (${(error as Error).message})`);
+  }
+  return { verifyBoot: { marker, timeoutSeconds: optionalCount(raw.timeoutSeconds, 'verifyBoot.timeoutSeconds') ?? defaults.timeoutSeconds } };
 }
 
 function validateCron(expression: string, jobName: string): void {

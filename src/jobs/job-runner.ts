@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { SessionState, type Catalog, type VmTarget } from '../catalog/index.ts';
 import { messageOf } from '../core/errors.ts';
 import { faultPoint } from '../core/fault-points.ts';
@@ -8,6 +8,8 @@ import { runBackup } from '../processing/backup-run.ts';
 import type { TaskProgress } from '../processing/regular-mode.ts';
 import type { TaskStats } from '../processing/task-stats.ts';
 import { forgetRestorePoints, openRepository, type Repository } from '../repository/index.ts';
+import { verifyBoot } from '../restore/vm/boot-verification.ts';
+import { qemuConfigurationOf } from '../restore/vm/configuration-of.ts';
 import type { JobDefinition } from './job-definition.ts';
 import { summarizeSession, type SessionSummary } from './session-summary.ts';
 
@@ -35,7 +37,18 @@ export interface JobRunResult {
   state: SessionState;
   summary: SessionSummary;
   /** `warnings`: non-fatal problems of the task (also in `reason`, and in the recorded stats as `warnings`). */
-  tasks: Array<{ vmName: string; state: SessionState; reason?: string; restorePointId?: string; stats?: TaskStats; warnings?: string[] }>;
+  tasks: JobTask[];
+}
+
+interface JobTask {
+  vmName: string;
+  state: SessionState;
+  reason?: string;
+  restorePointId?: string;
+  stats?: TaskStats;
+  warnings?: string[];
+  /** The job's boot verification of this task's restore point (job option verifyBoot). */
+  bootVerification?: { passed: boolean; bootMs: number | null; detail: string };
 }
 
 /**
@@ -55,8 +68,9 @@ export async function runJob(job: JobDefinition, context: JobRunContext): Promis
   let storageSnapshots = 0;
   let repository: Repository | undefined;
   let startError: string | undefined;
+  let password: string | undefined;
   try {
-    const password = typeof context.password === 'function' ? await context.password() : context.password;
+    password = typeof context.password === 'function' ? await context.password() : context.password;
     repository = await openRepository(job.repository, { password, maxWriteBytesPerSecond: context.maxWriteBytesPerSecond });
     const vms: VmTarget[] = [];
     for (const vmName of job.vms) {
@@ -107,6 +121,7 @@ export async function runJob(job: JobDefinition, context: JobRunContext): Promis
         }
       }
     }
+    if (job.verifyBoot && !context.signal?.aborted) await verifyRestorePointsBoot(job, tasks, repository, context.home, password);
   } catch (error) {
     // The run itself could not start (no password, repository missing): every VM not yet reported fails with
     // it, and the session's record says why.
@@ -116,7 +131,7 @@ export async function runJob(job: JobDefinition, context: JobRunContext): Promis
 
   for (const task of tasks) {
     // A failed task has no statistics: its warnings are in its reason alone.
-    const stats = task.stats ? { ...task.stats, ...(task.warnings ? { warnings: task.warnings } : {}) } : null;
+    const stats = task.stats ? { ...task.stats, ...(task.warnings ? { warnings: task.warnings } : {}), ...(task.bootVerification ? { bootVerification: task.bootVerification } : {}) } : null;
     catalog.jobs.recordTask({ sessionId, vmName: task.vmName, state: task.state, restorePointId: task.restorePointId ?? null, reason: task.reason ?? null, stats });
     context.onTaskEnd?.(task);
   }
@@ -145,6 +160,38 @@ export async function runJob(job: JobDefinition, context: JobRunContext): Promis
     catalog.jobs.endSession(sessionId, state, { ...summary });
   }
   return { sessionId, state, summary, tasks };
+}
+
+/**
+ * Boots each restore point the run made (one at a time: each is a whole VM) and records the verdict in the
+ * task; a point that does not boot turns its task into a Warning, with the reason.
+ */
+async function verifyRestorePointsBoot(job: JobDefinition, tasks: JobTask[], repository: Repository, home: string, password: string | undefined): Promise<void> {
+  const policy = job.verifyBoot!;
+  for (const task of tasks) {
+    if (!task.restorePointId) continue;
+    let verdict: JobTask['bootVerification'];
+    try {
+      const point = (await repository.openRestorePoint(task.restorePointId)).summary;
+      const result = await verifyBoot({
+        home,
+        point,
+        configuration: qemuConfigurationOf(point),
+        repository: resolve(job.repository),
+        ...(password !== undefined ? { password } : {}),
+        marker: policy.marker,
+        timeoutMs: policy.timeoutSeconds * 1000,
+      });
+      verdict = { passed: result.passed, bootMs: result.bootMs, detail: result.detail };
+    } catch (error) {
+      verdict = { passed: false, bootMs: null, detail: `could not be booted: ${messageOf(error)}` };
+    }
+    task.bootVerification = verdict;
+    if (!verdict.passed) {
+      task.state = SessionState.warning;
+      task.reason = [task.reason, `boot verification failed: ${verdict.detail}`].filter(Boolean).join('; ');
+    }
+  }
 }
 
 function sessionState(tasks: JobRunResult['tasks'], stopped: boolean): SessionState {

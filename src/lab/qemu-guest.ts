@@ -1,23 +1,9 @@
-import { promises as fs, existsSync, accessSync, constants, openSync, closeSync } from 'node:fs';
+import { promises as fs, openSync, closeSync } from 'node:fs';
+import { chooseAccelerator, type Accelerator } from '../hypervisor/qemu/accelerator.ts';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
 
-export type Accelerator = 'kvm' | 'tcg';
-
-/**
- * KVM only where it really works: /dev/kvm writable and not provided by the PVM nested module (kvm_pvm),
- * under which a stock Debian kernel crawls and hangs. Everywhere else TCG, which boots the tiny guest in a
- * few seconds.
- */
-export function chooseAccelerator(): Accelerator {
-  if (existsSync('/sys/module/kvm_pvm')) return 'tcg';
-  try {
-    accessSync('/dev/kvm', constants.W_OK);
-    return 'kvm';
-  } catch {
-    return 'tcg';
-  }
-}
+export { chooseAccelerator, type Accelerator } from '../hypervisor/qemu/accelerator.ts';
 
 /**
  * Stable names a QEMU guest of the lab exposes, for the hypervisor adapter and tests:

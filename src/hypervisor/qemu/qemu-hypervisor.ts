@@ -18,6 +18,7 @@ import type {
   VmSnapshot,
   VmSnapshotOptions,
 } from '../hypervisor.ts';
+import { captureQemuConfiguration } from './qemu-configuration.ts';
 import { isQemuCbtPlan, planQemuChangedBlocks } from './qemu-cbt.ts';
 import { huntQemuHost, repairQemuLedgerEntry } from './qemu-hunter.ts';
 import { startQemuFleecing } from './qemu-fleecing.ts';
@@ -74,20 +75,7 @@ class QemuVm implements HypervisorVm {
   }
 
   async captureConfiguration(): Promise<VmConfiguration> {
-    const disks = await this.listDisks();
-    const optional = <T>(work: Promise<T>): Promise<T | null> => work.catch(() => null);
-    // qemu-storage-daemon has no machine: those commands fail there, and the fields stay null.
-    const machineType = await optional(this.qmp.execute<string>('qom-get', { path: '/machine', property: 'type' }));
-    const cpus = await optional(this.qmp.execute<unknown[]>('query-cpus-fast'));
-    const memory = await optional(this.qmp.execute<{ 'base-memory': number }>('query-memory-size-summary'));
-    return {
-      kind: 'qemu',
-      uuid: await queryUuid(this.qmp),
-      machine: machineType ? machineType.replace(/-machine$/, '') : null,
-      cpuCount: cpus ? cpus.length : null,
-      memoryBytes: memory ? memory['base-memory'] : null,
-      disks: disks.map((disk) => ({ name: disk.name, format: disk.format, virtualSizeBytes: disk.virtualSizeBytes })),
-    };
+    return captureQemuConfiguration(this.qmp, await this.listDisks(), await queryUuid(this.qmp));
   }
 
   prepareQuiesce(wanted: boolean): Promise<QuiescePlan> {
