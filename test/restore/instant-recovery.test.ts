@@ -4,7 +4,7 @@
 // NBD server pauses the guest, never feeds it wrong data, and `resume` brings it back.
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { copyFile, mkdir, readdir } from 'node:fs/promises';
+import { copyFile, mkdir, readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { exec } from '../../src/core/exec.ts';
 import { pathExists } from '../../src/core/fs-probe.ts';
@@ -41,7 +41,7 @@ describe('instant recovery of lab guests', () => {
     return result.stdout;
   };
   /** Backed-up source VMs: name -> the md5 of its restore point's disk (restored the ordinary way) and that raw copy. */
-  const sources = new Map<string, { restoredRaw: string; md5: string }>();
+  const sources = new Map<string, { restoredRaw: string; md5: string; pointId: string }>();
 
   before(async () => {
     workspace = await makeWorkspace('ir');
@@ -57,7 +57,8 @@ describe('instant recovery of lab guests', () => {
       if (name === 'small') {
         const restoredRaw = join(workspace.dir, `${name}-restored.raw`);
         await cli(['restore', name, '--to', restoredRaw, '--quiet']);
-        sources.set(name, { restoredRaw, md5: await md5File(restoredRaw) });
+        const points = JSON.parse(await cli(['restore-points', name, '--json'])) as Array<{ id: string }>;
+        sources.set(name, { restoredRaw, md5: await md5File(restoredRaw), pointId: points.at(-1)!.id });
       }
     }
   });
@@ -67,7 +68,8 @@ describe('instant recovery of lab guests', () => {
     await workspace?.cleanup();
   });
 
-  const start = async (vm: string, name: string): Promise<Recovery> => JSON.parse(await cli(['instant-recovery', 'start', vm, '--name', name, '--json'])) as Recovery;
+  const start = async (vm: string, name: string): Promise<Recovery> =>
+    JSON.parse(await cli(['instant-recovery', 'start', vm, '--name', name, ...(sources.has(vm) ? ['--point', sources.get(vm)!.pointId] : []), '--json'])) as Recovery;
   const waitForConsole = async (path: string, what: (text: string) => boolean, timeoutMs: number, why: string) => {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
@@ -177,7 +179,7 @@ describe('instant recovery of lab guests', () => {
     assert.equal(passed.passed, true);
     assert.equal(passed.method, 'console-marker');
     assert.ok(passed.bootMs > 0);
-    const failed = await runCli(['verify-boot', 'small', '--marker', 'NEVER PRINTED', '--timeout', '8', '--json'], env());
+    const failed = await runCli(['verify-boot', 'small', '--marker', 'NEVER PRINTED', '--timeout', '30', '--json'], env());
     assert.equal(failed.status, 2, failed.stderr);
     const verdict = JSON.parse(failed.stdout) as { passed: boolean; detail: string; consoleTail: string };
     assert.equal(verdict.passed, false);
@@ -185,7 +187,7 @@ describe('instant recovery of lab guests', () => {
     assert.match(verdict.consoleTail, /LAB: /, 'the console tail is reported');
     assert.match(failed.stderr, /BOOT_VERIFICATION_FAILED|did not boot/);
     assert.deepEqual(JSON.parse(await cli(['instant-recovery', 'list', '--json'])), []);
-    assert.deepEqual(await readdir(join(workspace.dir, 'home', 'run', 'vms')), [], 'no VM run folder left');
+    assert.deepEqual((await readdir(join(workspace.dir, 'home', 'run', 'vms'))).filter((name) => name.includes('-verify-')), [], 'no VM run folder left');
   });
 
   test('a job with verifyBoot boots each new restore point and records the verdict in its session', async () => {
@@ -203,5 +205,42 @@ describe('instant recovery of lab guests', () => {
       await vm.kill();
     }
     assert.deepEqual(JSON.parse(await cli(['instant-recovery', 'list', '--json'])), []);
+  });
+
+  test('restore vm re-creates a runnable QEMU VM beside the original: backed-up disks, new UUID, a launch unit, registered for backup', async () => {
+    const datastore = join(workspace.dir, 'restored-vms');
+    await mkdir(datastore);
+    const restored = JSON.parse(await cli(['restore', 'vm', 'small', '--point', sources.get('small')!.pointId, '--to-datastore', datastore, '--name', 'small-copy', '--json', '--quiet'])) as {
+      kind: string;
+      uuid: string;
+      disks: Array<{ name: string; path: string }>;
+      launchUnit: { startScript: string; qmpSocketPath: string };
+      started: boolean;
+    };
+    assert.equal(restored.kind, 'qemu');
+    assert.equal(restored.started, false);
+    assert.equal(await md5OfImage(restored.disks[0]!.path, 'qcow2', workspace.dir), sources.get('small')!.md5, 'the restored disk is the backup');
+    await exec('sh', [restored.launchUnit.startScript]);
+    const runDir = join(restored.launchUnit.qmpSocketPath, '..');
+    const pid = Number((await readFile(join(runDir, 'qemu.pid'), 'utf8')).trim());
+    try {
+      await waitForConsole(join(runDir, 'console.log'), (text) => (text.match(/LAB: HB /g) ?? []).length >= 2, 60_000, 'the restored VM did not reach its workload');
+      {
+        await using qmp = await QmpClient.connect(restored.launchUnit.qmpSocketPath, { timeoutMs: 5_000 });
+        assert.equal((await qmp.execute<{ UUID: string }>('query-uuid')).UUID, restored.uuid, 'it runs with its new UUID');
+      }
+      const backup = JSON.parse(await cli(['backup', 'small-copy', '--mode', 'regular', '--json'])) as { tasks?: unknown };
+      assert.ok(backup, 'the restored VM backs up like any other');
+      await sendGuestControl(join(runDir, 'serial1.sock'), 'STOP');
+      const text = await waitForConsole(join(runDir, 'console.log'), (console) => /LAB: MD5 /.test(console), 120_000, 'no md5 from the restored VM');
+      assert.ok(await waitForExit(pid, 60_000));
+      const md5 = parseGuestConsole(text).find((event) => event.kind === 'md5');
+      assert.equal(md5?.kind === 'md5' ? md5.md5 : '', await md5OfImage(restored.disks[0]!.path, 'qcow2', workspace.dir), 'the guest ran on the restored disk');
+    } finally {
+      if (await readCmdline(pid)) process.kill(pid, 'SIGKILL');
+    }
+    const again = await runCli(['restore', 'vm', 'small', '--to-datastore', datastore, '--name', 'small-copy'], env());
+    assert.equal(again.status, 2, 'a second restore onto the same folder is refused');
+    assert.match(again.stderr, /not empty|already registered/);
   });
 });

@@ -17,6 +17,8 @@ export interface DetachedServerOptions {
   /** Handed to it in its environment (SNAPSHIFT_PASSWORD), never on its command line. */
   password?: string;
   readyTimeoutMs?: number;
+  /** Hears the process as soon as it exists (before it serves), to record it where a later cleanup finds it. */
+  onSpawned?: (server: OwnedProcess & { socketPath: string }) => Promise<void>;
 }
 
 const launcher = resolve(fileURLToPath(new URL('../../../bin/snapshift', import.meta.url)));
@@ -47,13 +49,15 @@ export async function startDetachedServer(options: DetachedServerOptions): Promi
     closeSync(stderr);
   }
   const cmdline = (await readCmdline(pid)) ?? [process.execPath, ...args];
+  const server = { label: `nbd-server:${options.vmName}`, pid, cmdline, socketPath: options.socketPath };
+  await options.onSpawned?.(server);
   const deadline = Date.now() + (options.readyTimeoutMs ?? 60_000);
   for (;;) {
     const ready = await fs.readFile(readyFile, 'utf8').catch(() => '');
     if (ready.trimEnd().endsWith('}')) {
       try {
         JSON.parse(ready);
-        return { label: `nbd-server:${options.vmName}`, pid, cmdline, socketPath: options.socketPath };
+        return server;
       } catch {
         // Not complete yet.
       }

@@ -78,7 +78,7 @@ export async function migrateInstantRecovery(home: string, name: string, options
     throw new SnapshiftError('INSTANT_RECOVERY_MIGRATE_FAILED', `migrating ${name}: ${(error as Error).message}${pivoted ? ' (after the pivot: the VM runs on its new disks)' : '; the VM still runs from the backup'}`, { cause: error });
   }
   await endOwnedProcess(record.server, { graceMs: 5_000 });
-  const launchUnit = await writeLaunchUnit(folder, relaunchArgs(record, targets));
+  const launchUnit = await writeLaunchUnit(folder, record.vm.runDir, relaunchArgs(record, targets));
   await fs.rm(recoveryFolder(home, name), { recursive: true, force: true });
   return { name, folder, disks: targets.map((target) => ({ name: target.disk.name, path: target.path })), launchUnit, qmpSocketPath: record.vm.qmpSocketPath, durationMs: Date.now() - started };
 }

@@ -75,8 +75,20 @@ export async function startInstantRecovery(options: StartInstantRecoveryOptions)
     purpose: options.purpose,
   };
   try {
-    record.server = await startDetachedServer({ home, vmName: point.vmName, pointId: point.id, repository: options.repository, socketPath, folder, ...(options.password !== undefined ? { password: options.password } : {}) });
-    await writeRecord(home, record); // From here on `stop` (or the next start) finds the server even if we die.
+    record.server = await startDetachedServer({
+      home,
+      vmName: point.vmName,
+      pointId: point.id,
+      repository: options.repository,
+      socketPath,
+      folder,
+      ...(options.password !== undefined ? { password: options.password } : {}),
+      // From here on `stop` (or the next start) finds the server even if we die.
+      onSpawned: async (server) => {
+        record.server = server;
+        await writeRecord(home, record);
+      },
+    });
     for (const disk of record.disks) {
       const backing = `nbd+unix:///${encodeURIComponent(disk.name)}?socket=${socketPath}`;
       await exec('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-F', 'raw', '-b', backing, disk.overlayPath, String(disk.sizeBytes)]);

@@ -112,15 +112,16 @@ export function imageNodes(name: string, path: string, format: 'qcow2' | 'raw'):
 
 /**
  * Writes the launch unit of a restored VM into its folder: `launch.json` (program and arguments) and
- * `start.sh`, which starts it detached (QEMU daemonizes, its PID in qemu.pid).
+ * `start.sh`, which starts it detached (QEMU daemonizes, its PID in qemu.pid in the run folder, where its
+ * QMP socket and serial files are too).
  */
-export async function writeLaunchUnit(runDir: string, args: readonly string[]): Promise<{ launchJson: string; startScript: string }> {
+export async function writeLaunchUnit(unitFolder: string, runDir: string, args: readonly string[]): Promise<{ launchJson: string; startScript: string }> {
   const files = launchFiles(runDir);
-  const launchJson = join(runDir, 'launch.json');
-  const startScript = join(runDir, 'start.sh');
+  const launchJson = join(unitFolder, 'launch.json');
+  const startScript = join(unitFolder, 'start.sh');
   await fs.writeFile(launchJson, `${JSON.stringify({ program: qemuSystemProgram, args }, null, 2)}\n`);
   const quoted = [qemuSystemProgram, ...args, '-daemonize', '-pidfile', files.pidFile].map(shellQuote).join(' \\\n  ');
-  await fs.writeFile(startScript, `#!/bin/sh\n# Starts the VM restored by snapshift; stop it with QMP "quit" on ${files.qmpSocket}.\nexec ${quoted}\n`, { mode: 0o755 });
+  await fs.writeFile(startScript, `#!/bin/sh\n# Starts the VM restored by snapshift; stop it with QMP "quit" on ${files.qmpSocket}.\nmkdir -p ${shellQuote(runDir)}\nexec ${quoted}\n`, { mode: 0o755 });
   return { launchJson, startScript };
 }
 

@@ -92,7 +92,7 @@ async function writeQemuVm(configuration: QemuVmConfiguration, options: RestoreV
     network: 'user',
     disks: disks.map((disk) => ({ name: disk.name, device: devices.get(disk.name) ?? null, ...imageNodes(disk.name, disk.path, 'qcow2') })),
   });
-  const unit = await writeLaunchUnit(folder, args);
+  const unit = await writeLaunchUnit(folder, runDir, args);
   const restored: RestoredVm = { name: options.name, kind: 'qemu', folder, uuid, macs, disks, launchUnit: { ...unit, qmpSocketPath: launchFiles(runDir).qmpSocket }, started: false };
   if (!options.start) return restored;
   const { pid } = await launchQemu(runDir, args);
