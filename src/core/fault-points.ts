@@ -46,6 +46,7 @@ export const faultPoints = [
   'gc.mid-sweep',
   'restore.mid-copy',
   'restore.before-rename',
+  'files.after-mount',
   'daemon.after-job-start',
   'hunt.before-commit',
 ] as const;
