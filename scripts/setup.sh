@@ -13,7 +13,7 @@ APT_PACKAGES=(
   qemu-block-extra                  # QEMU's rbd block driver (block-rbd.so); without it "Unknown driver 'rbd'"
   btrfs-progs xfsprogs              # the btrfs provider and the lab's datastores (btrfs, mkfs.btrfs, mkfs.xfs, xfs_info)
   busybox-static                    # the tiny guest's whole userland (its initramfs is written by our own code)
-  libnbd-bin                        # nbdinfo / nbdcopy: references our NBD client is compared with
+  libnbd-bin                        # nbdinfo / nbdcopy: references our NBD client is compared with; nbdfuse: snapshift files
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients  # the libvirt adapter's tests: the lab's own libvirtd/virtlogd, virsh
   qemu-guest-agent                  # a real guest agent for the quiesce tests (run on the host, freeze blocked)
   restic                            # the repository and restore benchmarks' yardstick
@@ -22,6 +22,8 @@ APT_PACKAGES=(
   ceph-mon ceph-osd ceph-mgr ceph-common ceph-base  # single-node Ceph for the RBD provider and its lab (rbd, ceph, monmaptool)
   util-linux mount                  # setpriv, findmnt; losetup, mount, umount
   e2fsprogs                         # mkfs.ext4 for the full-disk tests
+  fdisk                             # sfdisk: the file-level restore test partitions its disks (GPT, MBR)
+  findutils                         # find: snapshift files ls (essential, listed for doctor)
   xz-utils zstd                     # the guest kernel's .ko.xz / .ko.zst modules
   cpio lz4                          # no code or test runs these today; kept until someone confirms nobody needs them
   coreutils dpkg apt                # cp --reflink, md5sum, dd, …; unpacking the guest kernel (essential, listed for doctor)

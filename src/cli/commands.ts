@@ -4,6 +4,7 @@ import { registerCatalogCommands } from './catalog-commands.ts';
 import { registerDaemonCommand } from './daemon-command.ts';
 import { registerDemoCommand } from './demo-command.ts';
 import { registerDoctorCommand } from './doctor-command.ts';
+import { registerFilesCommands } from './files-command.ts';
 import { registerHostCommands } from './host-commands.ts';
 import { registerJobCommands } from './job-commands.ts';
 import { registerLabCommands } from './lab-commands.ts';
@@ -20,6 +21,7 @@ export function registerCommands(program: Command): void {
   registerBackupCommands(program);
   registerRestoreCommand(program);
   registerServeCommand(program);
+  registerFilesCommands(program);
   registerStorageCommands(program);
   registerJobCommands(program);
   registerSessionCommands(program);
