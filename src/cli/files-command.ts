@@ -1,8 +1,7 @@
-import { mkdir } from 'node:fs/promises';
+import { lstat, mkdir } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { SnapshiftError } from '../core/errors.ts';
-import { pathExists } from '../core/fs-probe.ts';
 import {
   copyOut,
   describeTearDown,
@@ -114,7 +113,7 @@ export function registerFilesCommands(program: Command): void {
         const target = join(targetFolder, hostPath === root ? item.volume.name : basename(hostPath));
         const clash = plans.find((plan) => plan.target === target);
         if (clash) throw new SnapshiftError('USAGE', `${clash.path} and ${item.path} would both be copied to ${target}: get them in two runs with different --to`);
-        if (!options.force && (await pathExists(target))) throw new SnapshiftError('RESTORE_TARGET_EXISTS', `${target} exists: choose another --to, or pass --force to copy over it`);
+        if (!options.force && (await lstat(target).then(() => true, () => false))) throw new SnapshiftError('RESTORE_TARGET_EXISTS', `${target} exists: choose another --to, or pass --force to copy over it`);
         plans.push({ path: item.path, hostPath, target });
       }
       const copied: Array<{ path: string; to: string } & CopySummary> = [];
