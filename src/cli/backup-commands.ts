@@ -149,7 +149,7 @@ export function registerBackupCommands(program: Command): void {
     });
 
   withExamples(program.command('hunt'), 'snapshift hunt --dry-run', 'snapshift hunt')
-    .description('find and remove VM snapshots and storage snapshots that crashed or killed backups left behind; exit 2 if any is left in place')
+    .description('find and remove VM snapshots and storage snapshots that crashed or killed backups left behind, and the mounts, loop devices and nbdfuse of killed "files" runs; exit 2 if any is left in place')
     .option('--dry-run', 'only report what would be done')
     .option('--json', 'print the result as JSON')
     .action(async (options: { dryRun?: boolean; json?: boolean }, command: Command) => {
