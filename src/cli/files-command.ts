@@ -51,7 +51,7 @@ export function registerFilesCommands(program: Command): void {
     'snapshift files ls vm1 --point 3f2a /vda1/etc',
     'snapshift files ls vm1 /vda2/home/alice --json',
   ).action(async (vmName: string, path: string, options: FilesOptions, command: Command) => {
-    await runFilesCommand(command, vmName, options, async ({ session, pointId }) => {
+    await runFilesCommand(command, vmName, options, async ({ session, pointId, signal }) => {
       const guestPath = parseGuestPath(path, session.volumes);
       if (!guestPath.volume) {
         const volumes = session.volumes.map(volumeJson);
@@ -71,7 +71,7 @@ export function registerFilesCommands(program: Command): void {
         return;
       }
       const hostPath = await resolvedHostPath(session, guestPath.volume, guestPath.inner, guestPath.followLast);
-      const { self, children } = await listEntries(hostPath, guestPath.path);
+      const { self, children } = await listEntries(hostPath, guestPath.path, signal);
       if (options.json) return printJson({ vm: vmName, restorePoint: pointId, path: guestPath.path, entry: self, entries: children });
       const shown = self.type === 'directory' ? children : [self];
       if (shown.length === 0) return console.log(`${guestPath.path}: empty folder`);

@@ -365,6 +365,33 @@ describe('file-level restore: snapshift files ls / get on ext4, XFS and btrfs', 
     assert.deepEqual(await readdir(join(repoPath(), 'locks')), []);
   });
 
+  test('files get SIGKILLed mid-copy: its cp and nbdfuse die with it (pdeathsig), the mounts stay until the next files run removes them', async () => {
+    const out = join(workspace.dir, 'out-sigkill');
+    const child = spawn('bin/snapshift', ['files', 'get', 'vm1', '/vda2/bulk', '--to', out, '--repo', repoPath()], { env: { ...process.env, ...env() }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const exited = new Promise<NodeJS.Signals | null>((resolve) => child.on('exit', (_code, signal) => resolve(signal)));
+    const marker = join(home(), 'run', 'files-');
+    let copying = false;
+    for (let tries = 0; tries < 600 && !copying; tries++) {
+      for (const pid of await readdir('/proc')) {
+        if (!/^\d+$/.test(pid)) continue;
+        const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+        if (cmdline.startsWith('cp\0') && cmdline.includes(marker)) copying = true;
+      }
+      if (!copying) await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    assert.ok(copying, 'cp started');
+    child.kill('SIGKILL');
+    assert.equal(await exited, 'SIGKILL');
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    const left = await leftoversOf(home());
+    assert.deepEqual(left.filter((item) => item.startsWith('process ')), [], 'no cp, find or nbdfuse outlives the killed run');
+    assert.ok(left.some((item) => item.startsWith('mount ')) && left.some((item) => item.startsWith('loop ')), left.join('; '));
+    const next = await files(['ls', 'vm1', '/vda2/bulk']);
+    assert.equal(next.status, 0, next.stderr);
+    assert.match(next.stderr, /a killed "files" run left pieces behind: unmounted /);
+    assert.match(next.stdout, /part-3\.bin$/m);
+  });
+
   test('a files run killed with everything mounted: the next files run removes its mounts, loop devices and nbdfuse, then works', async () => {
     const out = join(workspace.dir, 'out-killed');
     const killed = await runCli(['files', 'get', 'vm1', '/vda1/data', '/vdb1/data', '--to', out, '--repo', repoPath()], { ...env(), SNAPSHIFT_FAULT: 'files.after-mount@2' });
@@ -386,11 +413,14 @@ describe('file-level restore: snapshift files ls / get on ext4, XFS and btrfs', 
     const dry = await runCli(['hunt', '--dry-run', '--json'], env());
     assert.equal(dry.status, 0, dry.stderr);
     assert.notDeepEqual(await leftoversOf(home()), [], 'a dry run removes nothing');
+    const wouldDo = (JSON.parse(dry.stdout) as { fileRestores: Array<{ unmounted: string[]; detachedLoops: string[] }> }).fileRestores;
+    assert.deepEqual(wouldDo.map((report) => [report.unmounted.length, report.detachedLoops.length]), [[2, 1]], 'the ext4 mount and the nbdfuse mount, one loop device');
     const hunt = await runCli(['hunt', '--json'], env());
     assert.equal(hunt.status, 0, hunt.stderr);
     const fileRestores = (JSON.parse(hunt.stdout) as { fileRestores: Array<{ unmounted: string[]; detachedLoops: string[]; removedFolder: boolean }> }).fileRestores;
     assert.equal(fileRestores.length, 1);
     assert.equal(fileRestores[0]!.removedFolder, true);
+    assert.deepEqual([fileRestores[0]!.unmounted.length, fileRestores[0]!.detachedLoops.length], [2, 1]);
     assert.deepEqual(await leftoversOf(home()), []);
   });
 });

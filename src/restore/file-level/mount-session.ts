@@ -1,4 +1,3 @@
-import type { ChildProcess } from 'node:child_process';
 import { mkdir } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
@@ -54,7 +53,6 @@ export class FileRestoreSession implements AsyncDisposable {
   readonly #exports: RestorePointExport[];
   readonly #roots = new Map<string, Promise<string>>();
   readonly #nbdfuse = new Map<string, Promise<string>>();
-  readonly #children: ChildProcess[] = [];
   #runFolder: Promise<RunFolder> | undefined;
   #server: NbdServer | undefined;
   #closed = false;
@@ -175,7 +173,6 @@ export class FileRestoreSession implements AsyncDisposable {
     const child = start('setpriv', ['--pdeathsig', 'KILL', '--', 'nbdfuse', '--readonly', '--pidfile', pidFile, `${mountPoint}/disk`, this.#server!.uriOf(disk)], {
       detached: true,
     });
-    this.#children.push(child);
     record.pid = child.pid ?? null;
     await folder.save();
     let stderr = '';

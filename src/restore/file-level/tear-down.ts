@@ -64,8 +64,6 @@ export async function tearDownRunFolder(folder: string, state: FileRestoreRunSta
       report.removedFolder = true;
     }
   } else if (options.dryRun) {
-    report.unmounted.push(...mounts.map((mount) => mount.mountPoint));
-    report.detachedLoops.push(...loops.map((loop) => loop.device));
     report.removedFolder = options.removeFolder !== false;
   }
   return report;
