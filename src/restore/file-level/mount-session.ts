@@ -79,13 +79,8 @@ export class FileRestoreSession implements AsyncDisposable {
     }
   }
 
-  /** The run folder, once something was mounted (tests look at it). */
-  get runFolderPath(): Promise<string | undefined> {
-    return this.#runFolder ? this.#runFolder.then((folder) => folder.path) : Promise.resolve(undefined);
-  }
-
   /** Where `volume`'s filesystem is mounted read-only on the host, mounting it at the first call. */
-  mountedRoot(volume: Volume): Promise<string> {
+  async mountedRoot(volume: Volume): Promise<string> {
     if (this.#closed) throw new SnapshiftError('FILES_STOPPED', 'the file-level restore session is closed');
     if (volume.filesystem.kind === 'unsupported') {
       throw new SnapshiftError(
@@ -98,7 +93,7 @@ export class FileRestoreSession implements AsyncDisposable {
       root = this.#mount(volume);
       this.#roots.set(volume.name, root);
     }
-    return root;
+    return await root;
   }
 
   async #mount(volume: Volume): Promise<string> {
