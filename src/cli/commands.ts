@@ -21,7 +21,6 @@ export function registerCommands(program: Command): void {
   registerBackupCommands(program);
   registerRestoreCommand(program);
   registerServeCommand(program);
-  registerFilesCommands(program);
   registerStorageCommands(program);
   registerJobCommands(program);
   registerSessionCommands(program);
@@ -30,4 +29,5 @@ export function registerCommands(program: Command): void {
   registerDemoCommand(program);
   registerDoctorCommand(program);
   registerCatalogCommands(program);
+  registerFilesCommands(program);
 }

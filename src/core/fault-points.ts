@@ -46,9 +46,10 @@ export const faultPoints = [
   'gc.mid-sweep',
   'restore.mid-copy',
   'restore.before-rename',
-  'files.after-mount',
   'daemon.after-job-start',
   'hunt.before-commit',
+  // File-level restore: a run killed with its nbdfuse, loop device and mount up.
+  'files.after-mount',
 ] as const;
 
 export type FaultPoint = (typeof faultPoints)[number];
