@@ -13,7 +13,7 @@ APT_PACKAGES=(
   qemu-block-extra                  # QEMU's rbd block driver (block-rbd.so); without it "Unknown driver 'rbd'"
   btrfs-progs xfsprogs              # the btrfs provider and the lab's datastores (btrfs, mkfs.btrfs, mkfs.xfs, xfs_info)
   busybox-static                    # the tiny guest's whole userland (its initramfs is written by our own code)
-  libnbd-bin                        # nbdinfo / nbdcopy: references our NBD client is compared with; nbdfuse: snapshift files
+  libnbd-bin                        # nbdinfo / nbdcopy: references our NBD client is compared with
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients  # the libvirt adapter's tests: the lab's own libvirtd/virtlogd, virsh
   qemu-guest-agent                  # a real guest agent for the quiesce tests (run on the host, freeze blocked)
   restic                            # the repository and restore benchmarks' yardstick

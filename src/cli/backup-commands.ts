@@ -149,7 +149,7 @@ export function registerBackupCommands(program: Command): void {
     });
 
   withExamples(program.command('hunt'), 'snapshift hunt --dry-run', 'snapshift hunt')
-    .description('find and remove VM snapshots and storage snapshots that crashed or killed backups left behind, and the mounts, loop devices and nbdfuse of killed "files" runs; exit 2 if any is left in place')
+    .description('find and remove VM snapshots and storage snapshots that crashed or killed backups left behind, and the mounts, loop devices and disk readers of killed "files" runs; exit 2 if any is left in place')
     .option('--dry-run', 'only report what would be done')
     .option('--json', 'print the result as JSON')
     .action(async (options: { dryRun?: boolean; json?: boolean }, command: Command) => {
@@ -157,7 +157,7 @@ export function registerBackupCommands(program: Command): void {
       const dryRun = options.dryRun ?? false;
       const vmSnapshots = [...(await huntVmSnapshots(catalog, { dryRun })), ...(await huntOverlaysOnHosts(catalog, { dryRun }))];
       const storageSnapshots = await huntStorageSnapshots(catalog, { dryRun });
-      // Mounts, loop devices and nbdfuse of killed `snapshift files` runs (src/restore/file-level/leftovers.ts).
+      // Mounts, loop devices and disk readers of killed `snapshift files` runs (src/restore/file-level/leftovers.ts).
       const fileRestores = await removeFileRestoreLeftovers(join(homeOf(command), 'run'), { dryRun });
       // Something still in place (a VM on an overlay, a storage snapshot) is a failure an admin must see.
       const leftInPlace =

@@ -22,7 +22,7 @@ import { openRepositoryForCli, repositoryOption, type RepositoryCliOptions } fro
 import { resolvePoint } from './restore-command.ts';
 import { StopRequested, withStopSignals } from './stop-signals.ts';
 
-type FilesOptions = RepositoryCliOptions & { point: string; json?: boolean };
+type FilesOptions = RepositoryCliOptions & { point: string; json?: boolean; replay: boolean };
 
 /** `snapshift files ls|get`: single files and folders out of a restore point's ext4, XFS and btrfs filesystems. */
 export function registerFilesCommands(program: Command): void {
@@ -45,6 +45,7 @@ export function registerFilesCommands(program: Command): void {
         .argument('<vm>', 'VM name')
         .argument('[path]', 'path in the restore point: /PARTITION/path/inside (a trailing slash follows a final symlink)', '/')
         .option('--point <id>', 'restore point id or unique prefix, or "latest"', 'latest')
+        .option('--no-replay', 'do not replay journals and logs (for one too damaged to replay): shows only what was written back from them at the point in time')
         .option('--json', 'print the listing as JSON'),
     ),
     'snapshift files ls vm1',
@@ -92,6 +93,7 @@ export function registerFilesCommands(program: Command): void {
         .requiredOption('--to <dir>', 'local folder to copy into (created if missing)')
         .option('--point <id>', 'restore point id or unique prefix, or "latest"', 'latest')
         .option('--force', 'copy over files of the same names already in --to')
+        .option('--no-replay', 'do not replay journals and logs (for one too damaged to replay): shows only what was written back from them at the point in time')
         .option('--json', 'print what was copied as JSON'),
     ),
     'snapshift files get vm1 /vda1/etc/hostname /vda1/etc/ssh --to /srv/restore',
@@ -141,7 +143,7 @@ interface FilesContext {
  */
 async function runFilesCommand(command: Command, vmName: string, options: FilesOptions, work: (context: FilesContext) => Promise<void>): Promise<void> {
   const runRoot = join(homeOf(command), 'run');
-  await withStopSignals('mounts, loop devices and nbdfuse are removed', async (signal) => {
+  await withStopSignals('mounts, loop devices and disk readers are removed', async (signal) => {
     for (const report of await removeFileRestoreLeftovers(runRoot)) {
       const lines = describeTearDown(report);
       if (lines.length > 0) process.stderr.write(`snapshift: a killed "files" run left pieces behind: ${lines.join('; ')}\n`);
@@ -154,13 +156,13 @@ async function runFilesCommand(command: Command, vmName: string, options: FilesO
       await using _lock = await repository.lockForReading(lockPurpose, onWarning);
       const reader = await repository.openRestorePoint(resolvePoint(catalog, vmName, options.point));
       if (reader.summary.vmName !== vmName) throw new SnapshiftError('USAGE', `restore point ${reader.summary.id} belongs to ${reader.summary.vmName}, not ${vmName}`);
-      await using session = await FileRestoreSession.open({ reader, runRoot, onWarning, lockPurpose });
+      await using session = await FileRestoreSession.open({ reader, runRoot, onWarning, lockPurpose, noReplay: options.replay === false });
       await work({ session, pointId: reader.summary.id, signal });
       if (signal.aborted) throw signal.reason;
     } catch (error) {
       if (signal.aborted) {
         const by = signal.reason instanceof StopRequested ? signal.reason.signal : 'a stop request';
-        throw new SnapshiftError('FILES_STOPPED', `stopped by ${by}: every mount, loop device and nbdfuse of this run was removed; files already copied stay`, { cause: error });
+        throw new SnapshiftError('FILES_STOPPED', `stopped by ${by}: every mount, loop device and disk reader of this run was removed; files already copied stay`, { cause: error });
       }
       throw error;
     }

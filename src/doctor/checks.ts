@@ -83,8 +83,8 @@ export const checks: readonly Check[] = [
     withoutIt: 'no XFS volume can be mounted: no XFS storage snapshots, no lab XFS datastore',
   },
 
-  // File-level restore (snapshift files): a restore point's disk as a file, loop devices over it, read-only mounts.
-  program('nbdfuse', 'libnbd-bin', ['files'], 'snapshift files cannot present a restore point\'s disk as a file: no file-level restore'),
+  // File-level restore (snapshift files): qemu-storage-daemon (engine) presents a disk as a file over FUSE,
+  // loop devices over it, read-only mounts.
   program('find', 'findutils', ['files'], 'snapshift files ls cannot list a folder of a restore point'),
 
   // The lab (and the demo, which runs in it).
@@ -128,7 +128,7 @@ export const checks: readonly Check[] = [
     probe: { kind: 'device', path: '/dev/fuse' },
     remedy: 'load the fuse module (modprobe fuse), or give the container /dev/fuse',
     neededBy: ['lab-zfs', 'files'],
-    withoutIt: 'zfs-fuse cannot start: no ZFS datastore in the lab; nbdfuse cannot mount: no file-level restore',
+    withoutIt: 'zfs-fuse cannot start: no ZFS datastore in the lab; qemu-storage-daemon cannot present a disk as a file: no file-level restore',
   },
   program('zfs-fuse', 'zfs-fuse', ['lab-zfs'], 'the lab cannot start its ZFS daemon'),
   program('ceph-mon', 'ceph-mon', ['lab-ceph'], "the lab's Ceph has no monitor"),

@@ -6,7 +6,7 @@ import { tearDownRunFolder, type TearDownReport } from './tear-down.ts';
 
 /**
  * Removes what killed `files` runs left under `runRoot` (`<home>/run`): for every `files-*` folder whose
- * process is gone (or whose PID now belongs to a later process), its mounts, loop devices, nbdfuse and the
+ * process is gone (or whose PID now belongs to a later process), its mounts, loop devices, disk readers and the
  * folder. A live run's folder is never touched. Every `files` command and `snapshift hunt` call this first.
  */
 export async function removeFileRestoreLeftovers(runRoot: string, options: { dryRun?: boolean } = {}): Promise<TearDownReport[]> {
@@ -37,7 +37,7 @@ export function describeTearDown(report: TearDownReport, dryRun = false): string
   return [
     ...report.unmounted.map((path) => `${verb('unmounted', 'unmount')} ${path}`),
     ...report.detachedLoops.map((device) => `${verb('detached', 'detach')} loop device ${device}`),
-    ...report.endedProcesses.map((pid) => `${verb('ended', 'end')} nbdfuse (pid ${pid})`),
+    ...report.endedProcesses.map((pid) => `${verb('ended', 'end')} disk reader qemu-storage-daemon (pid ${pid})`),
     ...(report.removedFolder ? [`${verb('removed', 'remove')} ${report.folder}`] : []),
     ...report.problems.map((problem) => `could not ${problem}`),
   ];

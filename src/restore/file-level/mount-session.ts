@@ -1,5 +1,4 @@
-import { mkdir } from 'node:fs/promises';
-import { existsSync } from 'node:fs';
+import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { SnapshiftError, messageOf } from '../../core/errors.ts';
 import { exec, start } from '../../core/exec.ts';
@@ -9,7 +8,7 @@ import type { RestorePointReader } from '../../repository/index.ts';
 import { RestorePointExport } from '../restore-point-export.ts';
 import { diskBytesOf } from './disk-bytes.ts';
 import type { MountableKind } from './filesystem-probe.ts';
-import { sleep } from './host-pieces.ts';
+import { readMounts, sleep } from './host-pieces.ts';
 import { RunFolder } from './run-state.ts';
 import { tearDownRunFolder } from './tear-down.ts';
 import { findVolumes, type Volume } from './volumes.ts';
@@ -21,38 +20,45 @@ export interface FileRestoreSessionOptions {
   onWarning?: (message: string) => void;
   /** Who holds the repository lock, as gc names it. */
   lockPurpose: string;
+  /** Mount without replaying journals and logs (for one too damaged to replay); default: replay into the overlay. */
+  noReplay?: boolean;
 }
 
 /**
- * Read-only mount options per filesystem: never replay a journal or log (that would write to the device, and
- * the loop device is read-only anyway, so the mount would fail), never honour the guest's setuid bits or
- * device nodes on the host. XFS: `nouuid`, so a copy of a filesystem the host (or another run) has mounted
- * still mounts. btrfs: `rescue=nologreplay` (plain `nologreplay` is gone from recent kernels: refused on
- * 6.18), and the top-level subvolume (id 5) so every subvolume shows as a folder.
+ * Mount options per filesystem. By default the journal or log is replayed, as the guest's own next mount would:
+ * the mount is `ro`, but the loop device is writable and the replay's writes land in the throwaway overlay, so a
+ * crash-consistent restore point shows everything it holds (XFS keeps recent metadata in its log for a long
+ * time: without replay, a folder created a minute before the backup is missing). `noReplay` reads what is on
+ * disk outside the journal, for a journal too damaged to replay: ext `noload`, XFS `norecovery`, btrfs
+ * `rescue=nologreplay` (plain `nologreplay` is refused by Linux 6.18). XFS: `nouuid`, so a copy of a filesystem
+ * the host or another run has mounted still mounts. btrfs: the top-level subvolume (id 5), so every subvolume
+ * shows as a folder.
  */
-const mountOptions: Record<MountableKind, { type: string; options: string }> = {
-  ext2: { type: 'ext4', options: 'noload' },
-  ext3: { type: 'ext4', options: 'noload' },
-  ext4: { type: 'ext4', options: 'noload' },
-  xfs: { type: 'xfs', options: 'norecovery,nouuid' },
-  btrfs: { type: 'btrfs', options: 'rescue=nologreplay,subvolid=5' },
+const mountOptions: Record<MountableKind, { type: string; replay: string; noReplay: string }> = {
+  ext2: { type: 'ext4', replay: '', noReplay: 'noload' },
+  ext3: { type: 'ext4', replay: '', noReplay: 'noload' },
+  ext4: { type: 'ext4', replay: '', noReplay: 'noload' },
+  xfs: { type: 'xfs', replay: 'nouuid', noReplay: 'norecovery,nouuid' },
+  btrfs: { type: 'btrfs', replay: 'subvolid=5', noReplay: 'rescue=nologreplay,subvolid=5' },
 };
+/** Never write, never honour the guest's setuid bits, device nodes or executables on the host. */
 const commonMountOptions = 'ro,nosuid,nodev,noexec';
-const nbdfuseReadyTimeoutMs = 30_000;
+const readerReadyTimeoutMs = 30_000;
 
 /**
  * A restore point's disks, open for file-level restore. Opening reads partition tables and superblocks
  * straight from the restore point (no mount). The first mount starts the rest, each piece recorded in the run
- * folder's state file before it starts: our NBD server on a socket in the run folder, one nbdfuse per disk
- * (the disk as a file), one read-only loop device per volume over that file, one read-only mount. Disposing
- * undoes all of it, whatever failed (the same `tearDownRunFolder` a later run uses on a killed one's folder).
+ * folder's state file before it starts: our NBD server on a socket in the run folder, one qemu-storage-daemon
+ * per disk (the disk as a file, over a throwaway overlay), one loop device per volume over that file, one
+ * read-only mount. Disposing undoes all of it, whatever failed (the same `tearDownRunFolder` a later run uses on
+ * a killed one's folder).
  */
 export class FileRestoreSession implements AsyncDisposable {
   readonly volumes: Volume[];
   readonly #options: FileRestoreSessionOptions;
   readonly #exports: RestorePointExport[];
   readonly #roots = new Map<string, Promise<string>>();
-  readonly #nbdfuse = new Map<string, Promise<string>>();
+  readonly #readers = new Map<string, Promise<string>>();
   #runFolder: Promise<RunFolder> | undefined;
   #server: NbdServer | undefined;
   #closed = false;
@@ -105,7 +111,8 @@ export class FileRestoreSession implements AsyncDisposable {
     const diskFile = await this.#diskFile(volume.disk);
     const { stdout } = await exec(
       'losetup',
-      ['--read-only', '--find', '--show', '--offset', String(volume.startBytes), '--sizelimit', String(volume.sizeBytes), diskFile],
+      // Writable: the journal replay writes through it into the overlay (the mount itself is read-only).
+      ['--find', '--show', '--offset', String(volume.startBytes), '--sizelimit', String(volume.sizeBytes), diskFile],
       { code: 'FILES_MOUNT_FAILED', timeoutMs: 60_000 },
     );
     const device = stdout.trim();
@@ -115,11 +122,13 @@ export class FileRestoreSession implements AsyncDisposable {
     await mkdir(mountPoint, { recursive: true, mode: 0o700 });
     folder.state.mounts.push({ volume: volume.name, mountPoint });
     await folder.save();
-    const { type, options } = mountOptions[kind];
+    const chosen = mountOptions[kind];
+    const options = [commonMountOptions, this.#options.noReplay ? chosen.noReplay : chosen.replay].filter((part) => part !== '').join(',');
     try {
-      await exec('mount', ['-t', type, '-o', `${commonMountOptions},${options}`, device, mountPoint], { code: 'FILES_MOUNT_FAILED', timeoutMs: 300_000 });
+      await exec('mount', ['-t', chosen.type, '-o', options, device, mountPoint], { code: 'FILES_MOUNT_FAILED', timeoutMs: 300_000 });
     } catch (error) {
-      throw new SnapshiftError('FILES_MOUNT_FAILED', `/${volume.name} (${kind}) cannot be mounted read-only: ${messageOf(error)}`, { cause: error });
+      const hint = this.#options.noReplay ? '' : ' (a journal too damaged to replay? try --no-replay)';
+      throw new SnapshiftError('FILES_MOUNT_FAILED', `/${volume.name} (${kind}) cannot be mounted read-only: ${messageOf(error)}${hint}`, { cause: error });
     }
     faultPoint('files.after-mount');
     return mountPoint;
@@ -144,30 +153,44 @@ export class FileRestoreSession implements AsyncDisposable {
     return this.#runFolder;
   }
 
-  /** The disk as a read-only file, served by an nbdfuse child reading our NBD server. */
+  /** The disk as a file: a qemu-storage-daemon child reading our NBD server under a throwaway overlay. */
   #diskFile(disk: string): Promise<string> {
-    let file = this.#nbdfuse.get(disk);
+    let file = this.#readers.get(disk);
     if (!file) {
-      file = this.#startNbdfuse(disk);
-      this.#nbdfuse.set(disk, file);
+      file = this.#startDiskReader(disk);
+      this.#readers.set(disk, file);
     }
     return file;
   }
 
-  async #startNbdfuse(disk: string): Promise<string> {
+  /**
+   * qemu-storage-daemon with three nodes: an NBD client of our server (read-only), a qcow2 overlay in the run
+   * folder over it that takes the journal replay's writes, and a writable FUSE export of the overlay as a file.
+   * The restore point is never written: our server refuses writes, and the overlay is deleted with the folder.
+   */
+  async #startDiskReader(disk: string): Promise<string> {
     const folder = await this.#folder();
     const index = this.#exports.findIndex((source) => source.name === disk);
-    const mountPoint = join(folder.path, `disk-${index}`);
-    const pidFile = join(folder.path, `disk-${index}.pid`);
-    await mkdir(mountPoint, { mode: 0o700 });
-    const record: RunFolder['state']['nbdfuse'][number] = { disk, mountPoint, pid: null };
-    folder.state.nbdfuse.push(record);
+    const source = this.#exports[index]!;
+    const overlay = join(folder.path, `disk-${index}.overlay.qcow2`);
+    const diskFile = join(folder.path, `disk-${index}.raw`);
+    await exec('qemu-img', ['create', '-q', '-f', 'qcow2', overlay, String(source.sizeBytes)], { code: 'FILES_MOUNT_FAILED', timeoutMs: 60_000 });
+    await writeFile(diskFile, '', { mode: 0o600 }); // a FUSE export mounts over an existing regular file
+    const record: RunFolder['state']['readers'][number] = { disk, diskFile, pid: null };
+    folder.state.readers.push(record);
     await folder.save();
-    // Its own process group (a Ctrl-C in the terminal is ours to handle, not nbdfuse's: it must outlive the
-    // unmounts), and killed by the kernel if we die; -r: read-only, our server refuses writes anyway.
-    const child = start('setpriv', ['--pdeathsig', 'KILL', '--', 'nbdfuse', '--readonly', '--pidfile', pidFile, `${mountPoint}/disk`, this.#server!.uriOf(disk)], {
-      detached: true,
-    });
+    const blockdevs = [
+      { driver: 'nbd', 'node-name': 'restore-point', server: { type: 'unix', path: this.#server!.socketPath }, export: disk, 'read-only': true },
+      { driver: 'qcow2', 'node-name': 'overlay', file: { driver: 'file', filename: overlay }, backing: 'restore-point' },
+    ];
+    const fuseExport = { type: 'fuse', id: 'disk', 'node-name': 'overlay', mountpoint: diskFile, writable: true };
+    // Its own process group (a Ctrl-C in the terminal is ours to handle: the reader must outlive the unmounts),
+    // and killed by the kernel if we die.
+    const child = start(
+      'setpriv',
+      ['--pdeathsig', 'KILL', '--', 'qemu-storage-daemon', ...blockdevs.flatMap((node) => ['--blockdev', JSON.stringify(node)]), '--export', JSON.stringify(fuseExport)],
+      { detached: true },
+    );
     record.pid = child.pid ?? null;
     await folder.save();
     let stderr = '';
@@ -175,17 +198,16 @@ export class FileRestoreSession implements AsyncDisposable {
     child.stdout?.resume();
     const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
     const spawnFailed = new Promise<Error>((resolve) => child.once('error', resolve));
-    const deadline = Date.now() + nbdfuseReadyTimeoutMs;
+    const deadline = Date.now() + readerReadyTimeoutMs;
     for (;;) {
-      if (existsSync(pidFile)) return `${mountPoint}/disk`;
+      if ((await readMounts()).some((mount) => mount.mountPoint === diskFile)) return diskFile;
       const outcome = await Promise.race([exited.then(() => 'exited' as const), spawnFailed, sleep(20).then(() => 'waiting' as const)]);
-      if (outcome instanceof Error) throw new SnapshiftError('PROGRAM_MISSING', `nbdfuse cannot be started (${outcome.message}); install libnbd-bin (bash scripts/setup.sh)`);
+      if (outcome instanceof Error) throw new SnapshiftError('PROGRAM_MISSING', `qemu-storage-daemon cannot be started (${outcome.message}); bash scripts/setup.sh installs it`);
       if (outcome === 'exited') {
         const reason = stderr.trim().split('\n').at(-1) || `exit status ${child.exitCode ?? child.signalCode}`;
-        const missing = /No such file|not found/i.test(reason) && reason.includes('nbdfuse');
-        throw new SnapshiftError(missing ? 'PROGRAM_MISSING' : 'FILES_MOUNT_FAILED', `nbdfuse could not present disk ${disk} as a file: ${reason}${missing ? ' (install libnbd-bin: bash scripts/setup.sh)' : ''}`);
+        throw new SnapshiftError('FILES_MOUNT_FAILED', `qemu-storage-daemon could not present disk ${disk} as a file: ${reason}`);
       }
-      if (Date.now() > deadline) throw new SnapshiftError('FILES_MOUNT_FAILED', `nbdfuse did not present disk ${disk} within ${nbdfuseReadyTimeoutMs} ms`);
+      if (Date.now() > deadline) throw new SnapshiftError('FILES_MOUNT_FAILED', `qemu-storage-daemon did not present disk ${disk} within ${readerReadyTimeoutMs} ms`);
     }
   }
 
@@ -201,7 +223,7 @@ export class FileRestoreSession implements AsyncDisposable {
       // Creating the folder or starting the server failed; anything made before that is still torn down below.
     }
     // Mounts still being made finish first, so that none appears after the tear-down looked.
-    await Promise.allSettled([...this.#roots.values(), ...this.#nbdfuse.values()]);
+    await Promise.allSettled([...this.#roots.values(), ...this.#readers.values()]);
     if (folder) problems.push(...(await tearDownRunFolder(folder.path, folder.state, { removeFolder: false })).problems);
     await this.#server?.close();
     if (folder && problems.length === 0) problems.push(...(await tearDownRunFolder(folder.path, folder.state)).problems);

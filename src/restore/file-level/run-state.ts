@@ -19,7 +19,8 @@ export interface FileRestoreRunState {
   vm: string;
   restorePoint: string;
   startedAt: string;
-  nbdfuse: Array<{ disk: string; mountPoint: string; pid: number | null }>;
+  /** One qemu-storage-daemon per disk, presenting it as the file `diskFile` (a FUSE mount over a regular file). */
+  readers: Array<{ disk: string; diskFile: string; pid: number | null }>;
   loops: Array<{ volume: string; device: string }>;
   mounts: Array<{ volume: string; mountPoint: string }>;
 }
@@ -42,7 +43,7 @@ export class RunFolder {
       vm,
       restorePoint,
       startedAt: new Date().toISOString(),
-      nbdfuse: [],
+      readers: [],
       loops: [],
       mounts: [],
     });
@@ -75,8 +76,8 @@ function isRunState(value: unknown): value is FileRestoreRunState {
     state.version === 1 &&
     Number.isSafeInteger(state.pid) &&
     typeof state.processStartTicks === 'string' &&
-    Array.isArray(state.nbdfuse) &&
-    state.nbdfuse.every((entry) => typeof entry?.mountPoint === 'string' && (entry.pid === null || Number.isSafeInteger(entry.pid))) &&
+    Array.isArray(state.readers) &&
+    state.readers.every((entry) => typeof entry?.diskFile === 'string' && (entry.pid === null || Number.isSafeInteger(entry.pid))) &&
     Array.isArray(state.loops) &&
     state.loops.every((entry) => typeof entry?.device === 'string') &&
     Array.isArray(state.mounts) &&

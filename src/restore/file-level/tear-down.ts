@@ -16,11 +16,11 @@ export interface TearDownReport {
 
 /**
  * Undoes everything a `files` run started under `folder`, in the order that lets each piece go: the guest
- * filesystems' mounts (deepest first), the loop devices reading the nbdfuse files, the nbdfuse mounts (nbdfuse
- * exits once unmounted), then any nbdfuse still running (by its recorded PID, only while its command line
- * still names this folder), and last the folder itself. Mounts and loop devices are found from the kernel's
- * own tables by their paths under `folder`, so a piece started just before a kill, not yet in the state file,
- * is found too. A failing step does not stop the others.
+ * filesystems' mounts (deepest first), the loop devices reading the disk files, the disk readers (by their
+ * recorded PIDs, only while their command lines still name this folder: SIGTERM, which unmounts their FUSE
+ * export, then SIGKILL), any FUSE mount a killed reader left, and last the folder with its overlays. Mounts and
+ * loop devices are found from the kernel's own tables by their paths under `folder`, so a piece started just
+ * before a kill, not yet in the state file, is found too. A failing step does not stop the others.
  */
 export async function tearDownRunFolder(folder: string, state: FileRestoreRunState | undefined, options: { dryRun?: boolean; removeFolder?: boolean } = {}): Promise<TearDownReport> {
   const report: TearDownReport = { folder, unmounted: [], detachedLoops: [], endedProcesses: [], removedFolder: false, problems: [] };
@@ -47,13 +47,15 @@ export async function tearDownRunFolder(folder: string, state: FileRestoreRunSta
     if (await attempt(`detach ${loop.device}`, () => detachLoop(loop.device, 'FILES_CLEANUP_FAILED'))) report.detachedLoops.push(loop.device);
   }
 
-  for (const mount of mounts.filter((entry) => entry.fsType.startsWith('fuse')).sort(byDepth)) {
-    if (await attempt(`unmount ${mount.mountPoint}`, () => unmount(mount.mountPoint, 'FILES_CLEANUP_FAILED'))) report.unmounted.push(mount.mountPoint);
+  for (const reader of state?.readers ?? []) {
+    if (reader.pid === null || !(await commandLineNames(reader.pid, folder))) continue;
+    if (await attempt(`end the disk reader (pid ${reader.pid})`, () => endProcess(reader.pid!, folder))) report.endedProcesses.push(reader.pid);
   }
 
-  for (const nbdfuse of state?.nbdfuse ?? []) {
-    if (nbdfuse.pid === null || !(await commandLineNames(nbdfuse.pid, folder))) continue;
-    if (await attempt(`end nbdfuse (pid ${nbdfuse.pid})`, () => endProcess(nbdfuse.pid!, folder))) report.endedProcesses.push(nbdfuse.pid);
+  // A reader ended by SIGTERM unmounts its own export; a killed one leaves it (reads fail with ENOTCONN).
+  const fuseMounts = options.dryRun ? mounts.filter((entry) => entry.fsType.startsWith('fuse')) : (await readMounts()).filter((mount) => inside(mount.mountPoint) && mount.fsType.startsWith('fuse'));
+  for (const mount of fuseMounts.sort(byDepth)) {
+    if (await attempt(`unmount ${mount.mountPoint}`, () => unmount(mount.mountPoint, 'FILES_CLEANUP_FAILED'))) report.unmounted.push(mount.mountPoint);
   }
 
   if (options.removeFolder !== false && !options.dryRun) {
@@ -72,27 +74,26 @@ export async function tearDownRunFolder(folder: string, state: FileRestoreRunSta
 /** True while `pid` runs a command whose arguments name something under `folder` (a recycled PID does not). */
 async function commandLineNames(pid: number, folder: string): Promise<boolean> {
   try {
-    return (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0').some((arg) => arg.startsWith(`${folder}/`));
+    return (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0').some((arg) => arg.includes(`${folder}/`));
   } catch {
     return false;
   }
 }
 
-/** nbdfuse exits by itself once its mount is gone; this waits for that, then SIGTERM, then SIGKILL. */
+/** SIGTERM (qemu-storage-daemon unmounts its export and exits), then SIGKILL; waits for the process to go. */
 async function endProcess(pid: number, folder: string): Promise<void> {
-  for (const [graceMs, signal] of [[3_000, 'SIGTERM'], [3_000, 'SIGKILL'], [10_000, undefined]] as const) {
-    const deadline = Date.now() + graceMs;
-    while (Date.now() < deadline) {
-      if (!(await commandLineNames(pid, folder))) return;
-      await sleep(50);
-    }
-    if (!signal) break;
+  for (const [signal, graceMs] of [['SIGTERM', 5_000], ['SIGKILL', 10_000]] as const) {
     try {
       process.kill(pid, signal);
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code === 'ESRCH') return;
       throw error;
     }
+    const deadline = Date.now() + graceMs;
+    while (Date.now() < deadline) {
+      if (!(await commandLineNames(pid, folder))) return;
+      await sleep(50);
+    }
   }
-  throw new Error(`nbdfuse (pid ${pid}) did not exit after SIGKILL`);
+  throw new Error(`process ${pid} did not exit after SIGKILL`);
 }
