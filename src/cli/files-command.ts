@@ -30,7 +30,8 @@ export function registerFilesCommands(program: Command): void {
     program
       .command('files')
       .description(
-        'file-level restore: list and copy files out of a restore point (ext2/3/4, XFS, btrfs; MBR, GPT or whole-disk), read-only. ' +
+        'file-level restore: list and copy files out of a restore point (ext2/3/4, XFS, btrfs; MBR, GPT or whole-disk), mounted read-only; ' +
+          'journals are replayed into a throwaway overlay, never into the restore point. ' +
           'Paths start with the disk or partition: /vda1/etc/hostname (partition 1 of vda), /vdb/... (a filesystem on the whole disk vdb)',
       ),
     'snapshift files ls vm1',
