@@ -22,6 +22,8 @@ APT_PACKAGES=(
   ceph-mon ceph-osd ceph-mgr ceph-common ceph-base  # single-node Ceph for the RBD provider and its lab (rbd, ceph, monmaptool)
   util-linux mount                  # setpriv, findmnt; losetup, mount, umount
   e2fsprogs                         # mkfs.ext4 for the full-disk tests
+  fdisk                             # sfdisk: the file-level restore test partitions its disks (GPT, MBR)
+  findutils                         # find: snapshift files ls (essential, listed for doctor)
   xz-utils zstd                     # the guest kernel's .ko.xz / .ko.zst modules
   cpio lz4                          # no code or test runs these today; kept until someone confirms nobody needs them
   coreutils dpkg apt                # cp --reflink, md5sum, dd, …; unpacking the guest kernel (essential, listed for doctor)

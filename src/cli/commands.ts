@@ -4,6 +4,7 @@ import { registerCatalogCommands } from './catalog-commands.ts';
 import { registerDaemonCommand } from './daemon-command.ts';
 import { registerDemoCommand } from './demo-command.ts';
 import { registerDoctorCommand } from './doctor-command.ts';
+import { registerFilesCommands } from './files-command.ts';
 import { registerHostCommands } from './host-commands.ts';
 import { registerInstantRecoveryCommands } from './instant-recovery-commands.ts';
 import { registerJobCommands } from './job-commands.ts';
@@ -32,4 +33,5 @@ export function registerCommands(program: Command): void {
   registerDemoCommand(program);
   registerDoctorCommand(program);
   registerCatalogCommands(program);
+  registerFilesCommands(program);
 }

@@ -171,6 +171,16 @@ export const errorCodes = {
   LAB_CEPH_NOT_UP: { exitStatus: failed, meaning: 'no lab Ceph is up' },
   LAB_CEPH_FAILED: { exitStatus: failed, meaning: 'a lab Ceph daemon exited' },
   CEPH_COMMAND_FAILED: { exitStatus: failed, meaning: 'a ceph or rbd command of the lab failed' },
+
+  // File-level restore (snapshift files)
+  FILES_NO_SUCH_VOLUME: { exitStatus: failed, meaning: 'a path names no disk or partition of the restore point (snapshift files ls VM lists them)' },
+  FILES_PATH_NOT_FOUND: { exitStatus: failed, meaning: 'no such file or directory in the restore point\'s filesystem (or a component of the path is not a directory)' },
+  FILES_FILESYSTEM_UNSUPPORTED: { exitStatus: failed, meaning: 'the partition or disk holds no ext2/3/4, XFS or btrfs filesystem (swap, LVM, FAT, NTFS, encrypted or empty)' },
+  FILES_PARTITION_TABLE_BAD: { exitStatus: failed, meaning: 'a disk\'s partition table is damaged (GPT headers fail their checksum, or an entry lies outside the disk)' },
+  FILES_MOUNT_FAILED: { exitStatus: failed, meaning: 'a filesystem of the restore point could not be mounted read-only (disk reader, loop device or mount failed; needs root); the reason is in the message' },
+  FILES_COPY_FAILED: { exitStatus: failed, meaning: 'copying files out of the mounted restore point failed (cp\'s own error is in the message)' },
+  FILES_CLEANUP_FAILED: { exitStatus: failed, meaning: 'a mount, loop device or disk reader of a file-level restore could not be removed; the next snapshift files or hunt retries' },
+  FILES_STOPPED: { exitStatus: ExitStatus.stopped, meaning: 'a file-level restore was stopped by Ctrl-C or SIGTERM; mounts, loop devices and disk readers were removed, files already copied stay' },
 } as const satisfies Record<string, ErrorCodeInfo>;
 
 export type ErrorCode = keyof typeof errorCodes;

@@ -48,6 +48,8 @@ export const faultPoints = [
   'restore.before-rename',
   'daemon.after-job-start',
   'hunt.before-commit',
+  // File-level restore: a run killed with its disk reader, loop device and mount up.
+  'files.after-mount',
 ] as const;
 
 export type FaultPoint = (typeof faultPoints)[number];

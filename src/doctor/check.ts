@@ -15,7 +15,8 @@ export const features = {
   'lab-zfs': { description: "the lab's ZFS datastore (lab zfs up)", includes: ['lab', 'zfs'] },
   'lab-ceph': { description: "the lab's single-node Ceph", includes: ['lab', 'ceph-rbd'] },
   'lab-libvirt': { description: "the lab's own libvirtd and its domains", includes: ['lab', 'libvirt'] },
-  tests: { description: 'the test suite (npm test)', includes: ['lab', 'lab-zfs', 'lab-ceph', 'lab-libvirt'] },
+  files: { description: 'file-level restore (snapshift files): FUSE, loop devices, read-only mounts', includes: ['engine'] },
+  tests: { description: 'the test suite (npm test)', includes: ['lab', 'lab-zfs', 'lab-ceph', 'lab-libvirt', 'files'] },
   bench: { description: 'the benchmarks (npm run bench)', includes: ['lab'] },
 } as const satisfies Record<string, { description: string; includes: readonly string[] }>;
 

@@ -83,6 +83,10 @@ export const checks: readonly Check[] = [
     withoutIt: 'no XFS volume can be mounted: no XFS storage snapshots, no lab XFS datastore',
   },
 
+  // File-level restore (snapshift files): qemu-storage-daemon (engine) presents a disk as a file over FUSE,
+  // loop devices over it, read-only mounts.
+  program('find', 'findutils', ['files'], 'snapshift files ls cannot list a folder of a restore point'),
+
   // The lab (and the demo, which runs in it).
   {
     id: 'root',
@@ -95,12 +99,12 @@ export const checks: readonly Check[] = [
     id: 'device:/dev/loop-control',
     probe: { kind: 'device', path: '/dev/loop-control' },
     remedy: 'load the loop module (modprobe loop), or give the container the loop devices',
-    neededBy: ['lab', 'tests'],
-    withoutIt: 'no loop devices: the lab has no datastores, the full-disk tests cannot mount their small filesystem',
+    neededBy: ['lab', 'tests', 'files'],
+    withoutIt: 'no loop devices: the lab has no datastores, the full-disk tests cannot mount their small filesystem, snapshift files mounts nothing',
   },
-  program('losetup', 'mount', ['lab'], 'the lab cannot attach its datastore images to loop devices'),
-  program('mount', 'mount', ['lab', 'tests'], 'the lab cannot mount its datastores'),
-  program('umount', 'mount', ['lab', 'tests'], 'lab down cannot unmount its datastores'),
+  program('losetup', 'mount', ['lab', 'files'], 'the lab cannot attach its datastore images to loop devices'),
+  program('mount', 'mount', ['lab', 'tests', 'files'], 'the lab cannot mount its datastores'),
+  program('umount', 'mount', ['lab', 'tests', 'files'], 'lab down cannot unmount its datastores'),
   program('mkfs.btrfs', 'btrfs-progs', ['lab'], 'the lab cannot make its btrfs datastore'),
   program('mkfs.xfs', 'xfsprogs', ['lab'], 'the lab cannot make its XFS datastore'),
   program('qemu-system-x86_64', 'qemu-system-x86', ['lab'], 'the lab cannot start guests (lab vm start, the demo, the real-guest tests)'),
@@ -123,8 +127,8 @@ export const checks: readonly Check[] = [
     id: 'device:/dev/fuse',
     probe: { kind: 'device', path: '/dev/fuse' },
     remedy: 'load the fuse module (modprobe fuse), or give the container /dev/fuse',
-    neededBy: ['lab-zfs'],
-    withoutIt: 'zfs-fuse cannot start: no ZFS datastore in the lab',
+    neededBy: ['lab-zfs', 'files'],
+    withoutIt: 'zfs-fuse cannot start: no ZFS datastore in the lab; qemu-storage-daemon cannot present a disk as a file: no file-level restore',
   },
   program('zfs-fuse', 'zfs-fuse', ['lab-zfs'], 'the lab cannot start its ZFS daemon'),
   program('ceph-mon', 'ceph-mon', ['lab-ceph'], "the lab's Ceph has no monitor"),
@@ -152,6 +156,8 @@ export const checks: readonly Check[] = [
   program('xfs_info', 'xfsprogs', ['tests'], "the lab test cannot confirm the XFS datastore has reflink"),
   program('truncate', 'coreutils', ['tests'], 'the tests cannot make sparse test images'),
   program('dd', 'coreutils', ['tests'], 'the tests cannot fill test images'),
+  program('sfdisk', 'fdisk', ['tests'], 'the file-level restore test cannot partition its disks (GPT and MBR)'),
+  program('mkswap', 'util-linux', ['tests'], 'the file-level restore test has no swap partition to be refused'),
 
   // Used by the benchmarks alone.
   program('nbdcopy', 'libnbd-bin', ['tests', 'bench'], 'the NBD server tests have no reference reader, and the regular benchmark no reference read rate'),
