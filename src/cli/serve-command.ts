@@ -27,13 +27,14 @@ export function registerServeCommand(program: Command): void {
         .option('--disk <name>', 'serve only this disk (default: every disk)')
         .option('--socket <path>', 'unix socket to listen on (default: <home>/run/serve-<vm>.sock unless --tcp is given)')
         .option('--tcp <host:port>', 'listen on TCP too (port 0 picks a free port); no authentication: use on trusted networks only')
-        .option('--json', 'print where it serves as one JSON document once ready'),
+        .option('--json', 'print where it serves as one JSON document once ready')
+        .option('--exit-when-unused', 'exit once a client has connected and every client has gone again (instant recovery: a VM that powers off frees the repository)'),
     ),
     'snapshift serve vm1 --point latest',
     'snapshift serve vm1 --point 3f2a --disk vda --socket /run/vm1-vda.sock',
     'nbdinfo --map "nbd+unix:///vda?socket=/run/vm1-vda.sock"',
     'snapshift serve vm1 --tcp 127.0.0.1:10809 --json',
-  ).action(async (vmName: string, options: RepositoryCliOptions & { point: string; disk?: string; socket?: string; tcp?: string; json?: boolean }, command: Command) => {
+  ).action(async (vmName: string, options: RepositoryCliOptions & { point: string; disk?: string; socket?: string; tcp?: string; json?: boolean; exitWhenUnused?: boolean }, command: Command) => {
     const tcp = options.tcp === undefined ? undefined : parseHostPort(options.tcp);
     let socketPath = options.socket === undefined ? undefined : resolve(options.socket);
     if (!socketPath && !tcp) {
@@ -71,7 +72,18 @@ export function registerServeCommand(program: Command): void {
           console.log(`serving ${vmName} restore point ${reader.summary.id} (${reader.summary.createdAt}) read-only over NBD; Ctrl-C stops`);
           for (const entry of served) console.log(`  ${entry.disk} (${formatBytes(entry.sizeBytes)}): ${[entry.uri, entry.tcpUri].filter(Boolean).join('  ')}`);
         }
-        await new Promise<void>((resolveStop) => (signal.aborted ? resolveStop() : signal.addEventListener('abort', () => resolveStop(), { once: true })));
+        await new Promise<void>((resolveStop) => {
+          if (signal.aborted) return resolveStop();
+          signal.addEventListener('abort', () => resolveStop(), { once: true });
+          if (!options.exitWhenUnused) return;
+          const watch = setInterval(() => {
+            if (server.stats.connectionsAccepted > 0 && server.connectionCount === 0) {
+              clearInterval(watch);
+              resolveStop();
+            }
+          }, 250);
+          signal.addEventListener('abort', () => clearInterval(watch), { once: true });
+        });
       } finally {
         for (const source of exports) await source.close();
       }

@@ -127,6 +127,8 @@ describe('instant recovery of lab guests', () => {
     await waitForConsole(recovery.consoleLog, (text) => (text.match(/LAB: HB /g) ?? []).length >= 2, 60_000, 'fewer than 2 heartbeats');
     const guestMd5 = await stopGuest(recovery);
     assert.equal(guestMd5, await expectedMd5(recovery));
+    // The VM powered off: its server goes too, so the repository is not held for a VM that no longer runs.
+    assert.ok(await waitForExit(recovery.serverPid, 30_000), 'the NBD server outlived its VM');
     await cli(['instant-recovery', 'stop', 'small-ir']);
     await assertNothingLeft(recovery);
   });

@@ -26,13 +26,14 @@ const launcher = resolve(fileURLToPath(new URL('../../../bin/snapshift', import.
 /**
  * Starts `snapshift serve` as a process of its own (its own session, no pipes to us), so the restore point
  * stays served after the command that started it returns, and a VM reading it never depends on that
- * command. Returns once it serves, or fails with what it said.
+ * command. It exits by itself once its clients are gone (the VM powered off, or was migrated), so it never
+ * holds the repository's lock for a VM that no longer runs. Returns once it serves, or fails with what it said.
  */
 export async function startDetachedServer(options: DetachedServerOptions): Promise<OwnedProcess & { socketPath: string }> {
   const readyFile = join(options.folder, 'serve.json');
   const logFile = join(options.folder, 'serve.log');
   await fs.rm(readyFile, { force: true });
-  const args = [launcher, '--home', options.home, 'serve', options.vmName, '--point', options.pointId, '--repo', options.repository, '--socket', options.socketPath, '--json'];
+  const args = [launcher, '--home', options.home, 'serve', options.vmName, '--point', options.pointId, '--repo', options.repository, '--socket', options.socketPath, '--json', '--exit-when-unused'];
   const stdout = openSync(readyFile, 'w');
   const stderr = openSync(logFile, 'a');
   let pid: number;

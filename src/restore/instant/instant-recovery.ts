@@ -187,13 +187,24 @@ async function continueAfterIoError(record: InstantRecoveryRecord, timeoutMs = 6
   }
 }
 
+/**
+ * The VM of a recovery whose `start` died between launching QEMU and recording it: QEMU's PID file in the
+ * run folder names it, and it is ours only if its command line has this recovery's QMP socket.
+ */
+async function vmFromPidFile(record: InstantRecoveryRecord): Promise<OwnedProcess> {
+  const pid = Number((await fs.readFile(launchFiles(record.vm.runDir).pidFile, 'utf8').catch(() => '')).trim());
+  const cmdline = Number.isSafeInteger(pid) && pid > 0 ? await readCmdline(pid) : undefined;
+  if (!cmdline?.some((arg) => arg.includes(record.vm.qmpSocketPath))) return record.vm;
+  return { ...record.vm, pid, cmdline };
+}
+
 /** Ends what a recovery started (each step also when an earlier one failed) and removes its files. */
 async function discard(home: string, record: InstantRecoveryRecord): Promise<void> {
   const problems: string[] = [];
   const end = async (process: OwnedProcess) => {
     if (process.pid > 0) await endOwnedProcess(process, { graceMs: 5_000 }).catch((error: Error) => problems.push(`${process.label}: ${error.message}`));
   };
-  await end(record.vm);
+  await end(record.vm.pid > 0 ? record.vm : await vmFromPidFile(record));
   await end(record.server);
   if (problems.length > 0) throw new SnapshiftError('INSTANT_RECOVERY_SERVER_FAILED', `instant recovery ${record.name}: could not end ${problems.join('; ')}`);
   await fs.rm(recoveryFolder(home, record.name), { recursive: true, force: true });
