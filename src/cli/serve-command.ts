@@ -3,8 +3,7 @@ import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { SnapshiftError } from '../core/errors.ts';
 import { socketSafe } from '../core/socket-name.ts';
-import { NbdServer } from '../datamover/nbd/index.ts';
-import { RestorePointExport } from '../restore/restore-point-export.ts';
+import { serveRestorePoint } from '../restore/serve-restore-point.ts';
 import { homeOf, openCatalog, printJson } from './context.ts';
 import { formatBytes } from './format.ts';
 import { withExamples } from './help-examples.ts';
@@ -45,48 +44,23 @@ export function registerServeCommand(program: Command): void {
     await withStopSignals('connections are closed and the repository lock released', async (signal) => {
       using catalog = openCatalog(command);
       await using repository = await openRepositoryForCli(options, catalog, vmName);
-      const onWarning = (message: string) => process.stderr.write(`snapshift: warning: ${message}\n`);
-      // Held from before the restore point is read until the last export closes: gc waits for us.
-      await using _lock = await repository.lockForReading(`serving ${vmName} over NBD`, onWarning);
-      const reader = await repository.openRestorePoint(resolvePoint(catalog, vmName, options.point));
-      if (reader.summary.vmName !== vmName) throw new SnapshiftError('USAGE', `restore point ${reader.summary.id} belongs to ${reader.summary.vmName}, not ${vmName}`);
-      const diskNames = options.disk ? [options.disk] : reader.summary.disks.map((disk) => disk.name);
-      const exports: RestorePointExport[] = [];
-      try {
-        for (const disk of diskNames) exports.push(await RestorePointExport.open(reader, disk, { onWarning, lockPurpose: `serving ${vmName} over NBD` }));
-        await using server = await NbdServer.listen({
-          exports,
-          ...(socketPath ? { socketPath } : {}),
-          ...(tcp ? { tcp } : {}),
-          onError: (message) => process.stderr.write(`snapshift: serve: ${message}\n`),
-        });
-        const served = exports.map((source) => ({
-          disk: source.name,
-          sizeBytes: source.sizeBytes,
-          ...(socketPath ? { uri: server.uriOf(source.name) } : {}),
-          ...(server.tcpAddress ? { tcpUri: `nbd://${server.tcpAddress.host}:${server.tcpAddress.port}/${encodeURIComponent(source.name)}` } : {}),
-        }));
-        if (options.json) {
-          printJson({ vm: vmName, restorePoint: reader.summary.id, createdAt: reader.summary.createdAt, pid: process.pid, socket: socketPath ?? null, tcp: server.tcpAddress ?? null, exports: served });
-        } else {
-          console.log(`serving ${vmName} restore point ${reader.summary.id} (${reader.summary.createdAt}) read-only over NBD; Ctrl-C stops`);
-          for (const entry of served) console.log(`  ${entry.disk} (${formatBytes(entry.sizeBytes)}): ${[entry.uri, entry.tcpUri].filter(Boolean).join('  ')}`);
-        }
-        await new Promise<void>((resolveStop) => {
-          if (signal.aborted) return resolveStop();
-          signal.addEventListener('abort', () => resolveStop(), { once: true });
-          if (!options.exitWhenUnused) return;
-          const watch = setInterval(() => {
-            if (server.stats.connectionsAccepted > 0 && server.connectionCount === 0) {
-              clearInterval(watch);
-              resolveStop();
-            }
-          }, 250);
-          signal.addEventListener('abort', () => clearInterval(watch), { once: true });
-        });
-      } finally {
-        for (const source of exports) await source.close();
-      }
+      await serveRestorePoint({
+        repository,
+        vmName,
+        pointId: resolvePoint(catalog, vmName, options.point),
+        ...(options.disk ? { disks: [options.disk] } : {}),
+        ...(socketPath ? { socketPath } : {}),
+        ...(tcp ? { tcp } : {}),
+        exitWhenUnused: options.exitWhenUnused ?? false,
+        signal,
+        onWarning: (message) => process.stderr.write(`snapshift: warning: ${message}\n`),
+        onError: (message) => process.stderr.write(`snapshift: serve: ${message}\n`),
+        onReady: (served) => {
+          if (options.json) return printJson(served);
+          console.log(`serving ${vmName} restore point ${served.restorePoint} (${served.createdAt}) read-only over NBD; Ctrl-C stops`);
+          for (const entry of served.exports) console.log(`  ${entry.disk} (${formatBytes(entry.sizeBytes)}): ${[entry.uri, entry.tcpUri].filter(Boolean).join('  ')}`);
+        },
+      });
     });
   });
 }

@@ -6,7 +6,6 @@ import { SnapshiftError } from '../../core/errors.ts';
 import { readCmdline, sleep, type OwnedProcess } from '../../core/owned-process.ts';
 
 export interface DetachedServerOptions {
-  home: string;
   vmName: string;
   pointId: string;
   repository: string;
@@ -21,10 +20,11 @@ export interface DetachedServerOptions {
   onSpawned?: (server: OwnedProcess & { socketPath: string }) => Promise<void>;
 }
 
-const launcher = resolve(fileURLToPath(new URL('../../../bin/snapshift', import.meta.url)));
+const projectRoot = resolve(fileURLToPath(new URL('../../..', import.meta.url)));
+const entry = fileURLToPath(new URL('./serve-entry.ts', import.meta.url));
 
 /**
- * Starts `snapshift serve` as a process of its own (its own session, no pipes to us), so the restore point
+ * Starts the equivalent of `snapshift serve` (serve-entry.ts) as a process of its own (its own session, no pipes to us), so the restore point
  * stays served after the command that started it returns, and a VM reading it never depends on that
  * command. It exits by itself once its clients are gone (the VM powered off, or was migrated), so it never
  * holds the repository's lock for a VM that no longer runs. Returns once it serves, or fails with what it said.
@@ -33,13 +33,14 @@ export async function startDetachedServer(options: DetachedServerOptions): Promi
   const readyFile = join(options.folder, 'serve.json');
   const logFile = join(options.folder, 'serve.log');
   await fs.rm(readyFile, { force: true });
-  const args = [launcher, '--home', options.home, 'serve', options.vmName, '--point', options.pointId, '--repo', options.repository, '--socket', options.socketPath, '--json', '--exit-when-unused'];
+  // tsx is resolved from the project's root (its cwd), as bin/snapshift resolves it.
+  const args = ['--import', 'tsx', entry, options.vmName, '--point', options.pointId, '--repo', options.repository, '--socket', options.socketPath];
   const stdout = openSync(readyFile, 'w');
   const stderr = openSync(logFile, 'a');
   let pid: number;
   try {
     const env = { ...process.env, ...(options.password !== undefined ? { SNAPSHIFT_PASSWORD: options.password } : {}) };
-    const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', stdout, stderr], env });
+    const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', stdout, stderr], env, cwd: projectRoot });
     pid = await new Promise<number>((resolveSpawn, reject) => {
       child.once('spawn', () => resolveSpawn(child.pid!));
       child.once('error', reject);

@@ -76,7 +76,6 @@ export async function startInstantRecovery(options: StartInstantRecoveryOptions)
   };
   try {
     record.server = await startDetachedServer({
-      home,
       vmName: point.vmName,
       pointId: point.id,
       repository: options.repository,
@@ -158,7 +157,7 @@ export async function resumeInstantRecovery(home: string, name: string, password
   if (record.state === 'running' && !(await isOwnedProcessAlive(record.server))) {
     await fs.rm(record.server.socketPath, { force: true });
     const folder = recoveryFolder(home, name);
-    record.server = await startDetachedServer({ home, vmName: record.sourceVm, pointId: record.restorePoint, repository: record.repository, socketPath: record.server.socketPath, folder, ...(password !== undefined ? { password } : {}) });
+    record.server = await startDetachedServer({ vmName: record.sourceVm, pointId: record.restorePoint, repository: record.repository, socketPath: record.server.socketPath, folder, ...(password !== undefined ? { password } : {}) });
     await writeRecord(home, record);
   }
   await continueAfterIoError(record);
