@@ -5,6 +5,7 @@ import { checkVmName } from '../catalog/index.ts';
 import { isProcessingMode, processingModeList, runBackup, type BackupRunResult, type ProcessingMode } from '../processing/backup-run.ts';
 import type { TaskStats } from '../processing/task-stats.ts';
 import { huntOverlaysOnHosts, huntVmSnapshots } from '../processing/snapshot-hunter.ts';
+import { huntInstantRecoveries } from '../restore/instant/instant-recovery.ts';
 import { huntStorageSnapshots } from '../processing/storage-hunter.ts';
 import { describeTearDown, removeFileRestoreLeftovers } from '../restore/file-level/index.ts';
 import { openCatalog, homeOf, printJson } from './context.ts';
@@ -149,7 +150,7 @@ export function registerBackupCommands(program: Command): void {
     });
 
   withExamples(program.command('hunt'), 'snapshift hunt --dry-run', 'snapshift hunt')
-    .description('find and remove VM snapshots and storage snapshots that crashed or killed backups left behind, and the mounts, loop devices and disk readers of killed "files" runs; exit 2 if any is left in place')
+    .description('find and remove VM snapshots and storage snapshots that crashed or killed backups left behind, the mounts, loop devices and disk readers of killed "files" runs, and instant recoveries whose VM has gone; exit 2 if any is left in place')
     .option('--dry-run', 'only report what would be done')
     .option('--json', 'print the result as JSON')
     .action(async (options: { dryRun?: boolean; json?: boolean }, command: Command) => {
@@ -159,15 +160,18 @@ export function registerBackupCommands(program: Command): void {
       const storageSnapshots = await huntStorageSnapshots(catalog, { dryRun });
       // Mounts, loop devices and disk readers of killed `snapshift files` runs (src/restore/file-level/leftovers.ts).
       const fileRestores = await removeFileRestoreLeftovers(join(homeOf(command), 'run'), { dryRun });
+      // Instant recoveries whose VM has gone: their overlays (and a server that still runs).
+      const instantRecoveries = await huntInstantRecoveries(homeOf(command), { dryRun });
       // Something still in place (a VM on an overlay, a storage snapshot) is a failure an admin must see.
       const leftInPlace =
         vmSnapshots.filter((action) => action.action === 'left-in-place').length +
         storageSnapshots.filter((action) => action.action === 'failed').length +
         fileRestores.filter((report) => report.problems.length > 0).length;
       if (leftInPlace > 0) process.exitCode = ExitStatus.failed;
-      if (options.json) return printJson({ dryRun, vmSnapshots, storageSnapshots, fileRestores, leftInPlace });
+      if (options.json) return printJson({ dryRun, vmSnapshots, storageSnapshots, fileRestores, instantRecoveries, leftInPlace });
       for (const report of fileRestores) for (const line of describeTearDown(report, dryRun)) console.log(`file-level restore leftover: ${line}`);
-      if (vmSnapshots.length + storageSnapshots.length + fileRestores.length === 0) return console.log('nothing left behind');
+      for (const action of instantRecoveries) console.log(`${action.action} instant recovery ${action.name} (${action.detail})`);
+      if (vmSnapshots.length + storageSnapshots.length + fileRestores.length + instantRecoveries.length === 0) return console.log('nothing left behind');
       const prefix = dryRun ? 'would: ' : '';
       for (const action of vmSnapshots) {
         const what = action.action === 'removed-export' ? action.detail : `VM snapshot of ${action.vmName}: ${action.overlayPath} (${action.detail})`;

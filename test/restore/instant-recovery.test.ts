@@ -129,7 +129,9 @@ describe('instant recovery of lab guests', () => {
     assert.equal(guestMd5, await expectedMd5(recovery));
     // The VM powered off: its server goes too, so the repository is not held for a VM that no longer runs.
     assert.ok(await waitForExit(recovery.serverPid, 30_000), 'the NBD server outlived its VM');
-    await cli(['instant-recovery', 'stop', 'small-ir']);
+    // What is left (its overlay) the hunter removes, as it would after a host reboot.
+    const hunted = JSON.parse(await cli(['hunt', '--json'])) as { instantRecoveries: Array<{ name: string; action: string }> };
+    assert.deepEqual(hunted.instantRecoveries.map((action) => [action.name, action.action]), [['small-ir', 'removed-recovery']]);
     await assertNothingLeft(recovery);
   });
 

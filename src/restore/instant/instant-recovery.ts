@@ -3,13 +3,14 @@ import { promises as fs } from 'node:fs';
 import { join } from 'node:path';
 import { SnapshiftError } from '../../core/errors.ts';
 import { exec } from '../../core/exec.ts';
+import { snapshiftProcessIsAlive } from '../../core/process-alive.ts';
 import { endOwnedProcess, isOwnedProcessAlive, readCmdline, sleep, type OwnedProcess } from '../../core/owned-process.ts';
 import type { QemuVmConfiguration } from '../../hypervisor/hypervisor.ts';
 import { connectQmp } from '../../hypervisor/qemu/qmp-connect.ts';
 import type { RestorePointSummary } from '../../repository/index.ts';
 import { launchFiles, launchQemu, qemuLaunchArgs, randomMac, type LaunchDisk } from '../vm/qemu-launch.ts';
 import { startDetachedServer } from './detached-server.ts';
-import { readRecord, recoveryFolder, vmRunFolder, writeRecord, type InstantRecoveryRecord } from './recovery-state.ts';
+import { listRecords, readRecord, recoveryFolder, vmRunFolder, writeRecord, type InstantRecoveryRecord } from './recovery-state.ts';
 
 /**
  * How long QEMU's NBD client holds the VM's reads while the server is away before failing them (and, with
@@ -62,6 +63,7 @@ export async function startInstantRecovery(options: StartInstantRecoveryOptions)
     pointCreatedAt: point.createdAt,
     repository: options.repository,
     startedAt: new Date().toISOString(),
+    startedBy: process.pid,
     state: 'running',
     server: { label: `nbd-server:${name}`, pid: 0, cmdline: [], socketPath },
     vm: { label: `vm:${name}`, pid: 0, cmdline: [], qmpSocketPath: launchFiles(runDir).qmpSocket, runDir },
@@ -184,6 +186,33 @@ async function continueAfterIoError(record: InstantRecoveryRecord, timeoutMs = 6
     }
     await sleep(1_000);
   }
+}
+
+/** What `hunt` did (or, in a dry run, would do) about an instant recovery whose VM no longer runs. */
+export interface RecoveryHuntAction {
+  name: string;
+  action: 'removed-recovery' | 'would-remove-recovery';
+  detail: string;
+}
+
+/**
+ * Removes the recoveries whose VM has gone (powered off from inside, killed, the host rebooted): their
+ * server, if it still runs, and their overlays. A recovery whose `start` is still under way is left alone.
+ */
+export async function huntInstantRecoveries(home: string, options: { dryRun: boolean }): Promise<RecoveryHuntAction[]> {
+  const actions: RecoveryHuntAction[] = [];
+  for (const record of await listRecords(home)) {
+    if (record.state !== 'running' || (await isOwnedProcessAlive(record.vm))) continue;
+    if (record.vm.pid === 0 && record.startedBy !== undefined && snapshiftProcessIsAlive(record.startedBy)) continue;
+    const detail = `its VM no longer runs; overlays ${record.disks.map((disk) => disk.overlayPath).join(', ')}`;
+    if (options.dryRun) {
+      actions.push({ name: record.name, action: 'would-remove-recovery', detail });
+      continue;
+    }
+    await discard(home, record);
+    actions.push({ name: record.name, action: 'removed-recovery', detail });
+  }
+  return actions;
 }
 
 /**

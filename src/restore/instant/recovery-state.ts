@@ -17,6 +17,8 @@ export interface InstantRecoveryRecord {
   pointCreatedAt: string;
   repository: string;
   startedAt: string;
+  /** The `instant-recovery start` process: while it lives and the VM is not recorded yet, the start is under way. */
+  startedBy?: number;
   /** running: served from the backup; migrated: its disks now live on a datastore and nothing is served. */
   state: 'running' | 'migrated';
   /** The NBD server (`snapshift serve`), one export per disk on `socketPath`. */
