@@ -224,10 +224,11 @@ describe('instant recovery of lab guests', () => {
     assert.equal(restored.kind, 'qemu');
     assert.equal(restored.started, false);
     assert.equal(await md5OfImage(restored.disks[0]!.path, 'qcow2', workspace.dir), sources.get('small')!.md5, 'the restored disk is the backup');
-    await exec('sh', [restored.launchUnit.startScript]);
     const runDir = join(restored.launchUnit.qmpSocketPath, '..');
-    const pid = Number((await readFile(join(runDir, 'qemu.pid'), 'utf8')).trim());
+    const qemuPid = async () => Number((await readFile(join(runDir, 'qemu.pid'), 'utf8').catch(() => '0')).trim());
     try {
+      await exec('sh', [restored.launchUnit.startScript]);
+      const pid = await qemuPid();
       await waitForConsole(join(runDir, 'console.log'), (text) => (text.match(/LAB: HB /g) ?? []).length >= 2, 60_000, 'the restored VM did not reach its workload');
       {
         await using qmp = await QmpClient.connect(restored.launchUnit.qmpSocketPath, { timeoutMs: 5_000 });
@@ -241,7 +242,9 @@ describe('instant recovery of lab guests', () => {
       const md5 = parseGuestConsole(text).find((event) => event.kind === 'md5');
       assert.equal(md5?.kind === 'md5' ? md5.md5 : '', await md5OfImage(restored.disks[0]!.path, 'qcow2', workspace.dir), 'the guest ran on the restored disk');
     } finally {
-      if (await readCmdline(pid)) process.kill(pid, 'SIGKILL');
+      // Whatever failed, the VM start.sh started does not outlive the test.
+      const pid = await qemuPid();
+      if (pid > 0 && (await readCmdline(pid))?.some((arg) => arg.includes(restored.launchUnit.qmpSocketPath))) process.kill(pid, 'SIGKILL');
     }
     const again = await runCli(['restore', 'vm', 'small', '--to-datastore', datastore, '--name', 'small-copy'], env());
     assert.equal(again.status, 2, 'a second restore onto the same folder is refused');
